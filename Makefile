@@ -1,0 +1,33 @@
+# `make demo` and `make test` do all set-up on a fresh machine: create .venv, install, run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build of torch unless a GPU is present (the CPU wheel avoids a multi-GB CUDA download).
+TORCH_INDEX := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo --extra-index-url https://download.pytorch.org/whl/cpu)
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: demo test install clean mlflow-ui
+
+$(BIN)/patchflow: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q $(TORCH_INDEX) torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/patchflow
+
+demo: install
+	@start=$$(date +%s); \
+	$(BIN)/patchflow shards synthetic --out shards && \
+	$(BIN)/patchflow sweep --config configs/sweeps/demo.yaml && \
+	echo "[patchflow] demo wall time: $$(( $$(date +%s) - start )) s; browse runs with: make mlflow-ui"
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf shards runs mlflow.db mlartifacts

@@ -1,0 +1,264 @@
+"""Typed run configuration, loaded from YAML and validated before anything starts.
+
+Every problem in a file (unknown key, wrong type, out-of-range value, more workers than the
+machine has) is reported in one ``ConfigError`` whose lines name the file, the dotted key, what
+was expected and what was found. Relative paths are resolved against the working directory at
+load time: Ray workers run in Ray's session folder, so they only ever see absolute paths.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.device import gpu_count
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before Ray or MLflow start."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    shards: str = Field(description="folder with manifest.json and the train/eval .tar shards")
+    shuffle_buffer: int = Field(4096, ge=0, description="pairs held in the in-memory shuffle buffer")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    verify_checksums: bool = True
+    eval_pairs: int | None = Field(None, ge=2, description="cap on eval pairs (None = all)")
+
+
+class ModelConfig(_Strict):
+    arch: Literal["hardnet"] = "hardnet"
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+class LossConfig(_Strict):
+    margin: float = Field(1.0, gt=0.0)
+    anchor_swap: bool = True
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=2, description="pairs per rank per step (hardest-in-batch needs >= 2)")
+    batches_per_epoch: int = Field(50, ge=1, description="optimizer steps per epoch, the same on every rank")
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    augment: bool = Field(True, description="HardNet's joint random flip/rotate of both patches")
+    seed: int = 0
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (None = CPUs per worker)")
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=0, description="Ray Train workers (0 = run the loop in the driver process)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class RunConfig(_Strict):
+    name: str | None = Field(None, description="Ray Train run name; an existing name resumes that run")
+    storage_path: str = Field("runs", description="local folder, shared mount or s3:// / gs:// URI")
+    max_failures: int = Field(0, ge=-1)
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    experiment: str = "patchflow"
+    registered_model: str = "patchflow-hardnet"
+
+
+class SearchDomain(_Strict):
+    """Exactly one of: ``choice: [..]``, ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``."""
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SearchDomain":
+        kinds = [k for k in ("choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of choice / uniform / loguniform, got {kinds or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        for kind in ("uniform", "loguniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{kind} needs [low, high] with low < high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs a positive lower bound")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values that must all be valid for the key: the choices, or the two bounds."""
+        return list(self.choice if self.choice is not None else (self.uniform or self.loguniform))
+
+
+class SweepConfig(_Strict):
+    num_samples: int = Field(4, ge=1, description="trials (each choice grid point counts as sampled)")
+    search_space: dict[str, SearchDomain] = Field(default_factory=dict, description="dotted config key -> domain")
+    workers_per_trial: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None = as many as the CPUs/GPUs fit")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2)
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_keys(cls, space: dict[str, SearchDomain]) -> dict[str, SearchDomain]:
+        for key in space:
+            _field_for(key)
+        return space
+
+
+class Config(_Strict):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    sweep: SweepConfig | None = None
+
+    def with_updates(self, updates: dict[str, Any]) -> "Config":
+        """A validated copy with dotted keys (``loss.margin``) replaced."""
+        raw = self.model_dump()
+        for key, value in updates.items():
+            _set_dotted(raw, key, value)
+        return Config.model_validate(raw)
+
+
+def _field_for(dotted: str) -> None:
+    """Raise ValueError unless ``dotted`` names a leaf of Config (search spaces, --set)."""
+    model: type[BaseModel] = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ValueError(f"unknown key {dotted!r}: {where} has {', '.join(fields)}")
+        annotation = fields[part].annotation
+        if i < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ValueError(f"unknown key {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
+            model = annotation
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            raise ValueError(f"{dotted!r} is a section, not a value")
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {}) if isinstance(node, dict) else node
+    node[leaf] = value
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"]
+    for prefix in ("Input should be ", "Value error, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if isinstance(err.get("input"), dict):  # a section-level check: the value is the whole section
+        return f"{loc}: {msg}"
+    return f"{loc}: expected {msg}, got {err.get('input')!r}"
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [_describe(e) for e in exc.errors(include_url=False)]
+    return f"{source}: invalid configuration\n" + "\n".join(f"  {source}: {line}" for line in lines)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "loss.margin=0.5"]`` -> dict, values parsed as YAML scalars."""
+    updates: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        try:
+            _field_for(key.strip())
+        except ValueError as e:
+            raise ConfigError(f"--set {pair!r}: {e}") from None
+        updates[key.strip()] = yaml.safe_load(value)
+    return updates
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    """Local paths -> absolute (URIs such as s3://... are left alone)."""
+    def resolve(value: str) -> str:
+        return value if "://" in value else str((base / value).resolve())
+
+    return cfg.with_updates({"data.shards": resolve(cfg.data.shards), "run.storage_path": resolve(cfg.run.storage_path)})
+
+
+def load_config(
+    path: str | os.PathLike,
+    overrides: dict[str, Any] | None = None,
+    *,
+    available_cpus: int | None = None,
+    available_gpus: int | None = None,
+) -> Config:
+    """Load and validate ``path``; ``overrides`` are dotted keys (from ``--set``).
+
+    ``available_*`` default to this machine's counts: a local run cannot use more.
+    """
+    source = str(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, train, ...), got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        cfg = _resolve_paths(Config.model_validate(raw), Path.cwd())
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+    problems = check_config(cfg, available_cpus, available_gpus)
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(f"  {source}: {p}" for p in problems))
+    return cfg
+
+
+def check_config(cfg: Config, available_cpus: int | None = None, available_gpus: int | None = None) -> list[str]:
+    """Cross-field checks pydantic's per-field validation cannot make; returns problem lines."""
+    cpus = available_cpus if available_cpus is not None else (os.cpu_count() or 1)
+    gpus = available_gpus if available_gpus is not None else gpu_count()
+    problems = []
+    s = cfg.scaling
+    if s.use_gpu and s.num_workers > gpus:
+        problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")
+    if s.num_workers * s.cpus_per_worker > cpus:
+        problems.append(
+            f"scaling.num_workers: expected num_workers x cpus_per_worker <= {cpus} (CPUs available), "
+            f"got {s.num_workers} x {s.cpus_per_worker:g}"
+        )
+    if cfg.sweep is not None:
+        w = cfg.sweep.workers_per_trial
+        limit = gpus if s.use_gpu else int(cpus // s.cpus_per_worker)
+        if w > limit:
+            problems.append(f"sweep.workers_per_trial: expected at most {limit} ({'GPUs' if s.use_gpu else 'CPUs'} available), got {w}")
+        for key, domain in cfg.sweep.search_space.items():
+            for value in domain.candidates():
+                try:
+                    cfg.with_updates({key: value})
+                except ValidationError as e:
+                    problems.append(f"sweep.search_space.{key}: value {value!r} is invalid: {_describe(e.errors()[0])}")
+    return problems

@@ -1,0 +1,150 @@
+"""Per-rank streaming of patch-pair shards, written as a list of WebDataset stages.
+
+Equal batches per rank, spelled out (a rank that runs out first hangs DDP's all-reduce):
+
+    rank r of R reads the shards  urls[r::R]          (disjoint; together they cover the split)
+    its pass over them repeats, reshuffled per pass   (so a rank never runs dry)
+    loader worker w of W reads every W-th shard of that cycle
+    and yields  batches_per_epoch // W  (+1 for w < batches_per_epoch % W)  batches
+    => every rank yields exactly batches_per_epoch batches of batch_size pairs per epoch.
+
+Shard order and the pair shuffle are seeded by (seed, epoch, rank, worker), so an epoch is
+reproducible and a run restarted at epoch e reads what it would have read.
+Pairs stay uint8 until after batching; ``DevicePlan.prepare_batch`` converts on the device.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+class StreamError(ValueError):
+    """The shards cannot feed the requested ranks / workers."""
+
+
+def shards_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
+    return urls[rank::world_size]
+
+
+def check_shard_count(n_shards: int, world_size: int, loader_workers: int, split: str = "train") -> None:
+    readers = world_size * max(1, loader_workers)
+    if n_shards < readers:
+        raise StreamError(
+            f"{split} split has {n_shards} shard(s) but {world_size} rank(s) x {max(1, loader_workers)} "
+            f"loader worker(s) = {readers} readers need at least one each; write more, smaller shards "
+            f"(patchflow shards ... --blocks-per-shard) or lower scaling.num_workers / data.loader_workers"
+        )
+
+
+class _ShardCycle(IterableDataset):
+    """Yields {"url": ...} over this rank's shards forever, reshuffled on every pass."""
+
+    def __init__(self, urls: list[str], seed: tuple[int, ...]) -> None:
+        self.urls, self.seed = list(urls), seed
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = np.random.default_rng(self.seed)
+        while True:
+            for i in rng.permutation(len(self.urls)):
+                yield {"url": self.urls[i]}
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_blocks(samples: Iterator[dict]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Tar samples -> (pairs uint8 (K,2,P,P), labels uint8 (K,), ids int64 (K,2)) blocks."""
+    for sample in samples:
+        yield _npy(sample["pairs.npy"]), _npy(sample["labels.npy"]), _npy(sample["ids.npy"])
+
+
+def _shuffled_batches(blocks: Iterator, batch_size: int, buffer_pairs: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Pair-level shuffle buffer done on whole arrays (no per-pair Python work)."""
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    held = 0
+    for pairs, _labels, ids in blocks:
+        pending.append((pairs, ids))
+        held += len(pairs)
+        if held < buffer_pairs + batch_size:
+            continue
+        pairs_all = np.concatenate([p for p, _ in pending])
+        ids_all = np.concatenate([i for _, i in pending])
+        order = rng.permutation(len(pairs_all))
+        n_out = (len(order) - buffer_pairs) // batch_size * batch_size
+        for start in range(0, n_out, batch_size):
+            idx = order[start : start + batch_size]
+            yield {"pairs": torch.from_numpy(pairs_all[idx]), "ids": torch.from_numpy(ids_all[idx])}
+        keep = order[n_out:]
+        pending, held = [(pairs_all[keep], ids_all[keep])], len(keep)
+
+
+class TrainStream(IterableDataset):
+    """One epoch of one rank's training batches: ``{"pairs": uint8 (B,2,P,P), "ids": int64 (B,2)}``."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        batch_size: int,
+        batches_per_epoch: int,
+        shuffle_buffer: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        self.rank_urls = shards_for_rank(urls, rank, world_size)
+        if not self.rank_urls:
+            raise StreamError(f"rank {rank} of {world_size} got no train shards (only {len(urls)} exist)")
+        self.rank, self.epoch, self.seed = rank, epoch, seed
+        self.batch_size, self.batches_per_epoch, self.shuffle_buffer = batch_size, batches_per_epoch, shuffle_buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
+        seed = (self.seed, self.epoch, self.rank, worker)
+        pipeline = wds.DataPipeline(
+            _ShardCycle(self.rank_urls, seed),
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            decode_blocks,
+            lambda blocks: _shuffled_batches(blocks, self.batch_size, self.shuffle_buffer, np.random.default_rng(seed)),
+        )
+        for i, batch in enumerate(pipeline):
+            if i == n_batches:
+                return
+            yield batch
+
+
+def train_loader(urls: list[str], *, loader_workers: int = 0, **stream_kwargs) -> DataLoader:
+    """DataLoader over a ``TrainStream``: batching happens in the stream (batch_size=None)."""
+    check_shard_count(len(urls), stream_kwargs["world_size"], loader_workers)
+    stream = TrainStream(urls, **stream_kwargs)
+    return DataLoader(stream, batch_size=None, num_workers=loader_workers, pin_memory=torch.cuda.is_available())
+
+
+def load_pairs(urls: list[str], limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a whole (eval) split in shard order: pairs uint8 (N,2,P,P), labels (N,), ids (N,2)."""
+    dataset = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        decode_blocks,
+    )
+    pairs, labels, ids, n = [], [], [], 0
+    for p, l, i in dataset:
+        pairs.append(p), labels.append(l), ids.append(i)
+        n += len(p)
+        if limit is not None and n >= limit:
+            break
+    if not pairs:
+        raise StreamError(f"no pairs could be read from {len(urls)} shard(s), first: {urls[:1]}")
+    out = np.concatenate(pairs), np.concatenate(labels), np.concatenate(ids)
+    return tuple(a[:limit] for a in out) if limit is not None else out

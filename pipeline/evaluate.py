@@ -1,0 +1,55 @@
+"""Descriptor evaluation on labelled pairs: the one code path that training, registration,
+promotion and the demo's table all use, so their FPR95 figures are comparable."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.device import DevicePlan, plan_for
+from pipeline.metrics import fpr_at_95_recall
+
+
+@torch.no_grad()
+def describe(model: nn.Module, patches: np.ndarray, plan: DevicePlan | None = None, batch_size: int = 1024) -> np.ndarray:
+    """uint8 patches (N, P, P) -> descriptors (N, D) float32, in eval mode."""
+    plan = plan or plan_for(use_gpu=False)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(patches), batch_size):
+            x = plan.prepare_batch(torch.from_numpy(patches[start : start + batch_size]).unsqueeze(1))
+            with plan.autocast():
+                out.append(model(x).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def pair_distances(model: nn.Module, pairs: np.ndarray, plan: DevicePlan | None = None) -> np.ndarray:
+    """uint8 pairs (N, 2, P, P) -> L2 distance between the two descriptors of each pair."""
+    n = len(pairs)
+    desc = describe(model, np.concatenate([pairs[:, 0], pairs[:, 1]]), plan)
+    return np.linalg.norm(desc[:n] - desc[n:], axis=1)
+
+
+def evaluate_pairs(model: nn.Module, pairs: np.ndarray, labels: np.ndarray, plan: DevicePlan | None = None) -> dict[str, float]:
+    return {"eval_fpr95": fpr_at_95_recall(pair_distances(model, pairs, plan), labels)}
+
+
+class SiftBaseline(nn.Module):
+    """kornia's differentiable SIFT descriptor (RootSIFT), the untrained baseline of every table.
+
+    Shape: ``(B, 1, P, P) -> (B, 128)``.
+    """
+
+    def __init__(self, patch_size: int = 32) -> None:
+        super().__init__()
+        import kornia.feature
+
+        self.sift = kornia.feature.SIFTDescriptor(patch_size=patch_size, rootsift=True)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.sift(patches)

@@ -1,0 +1,71 @@
+"""HardNet (Mishchuk et al. 2017): the L2-Net body with dropout, trained with hardest-in-batch
+triplet margin loss (``pipeline.losses.hardest_in_batch_triplet_loss``).
+
+Layer layout and state-dict keys are those of ``kornia.feature.HardNet``, so weights move between
+the two unchanged (tests/test_models.py checks they give the same descriptors).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models import register_model
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout, affine=False),
+        nn.ReLU(),
+    ]
+
+
+class HardNet(nn.Module):
+    """HardNet descriptor of grayscale patches.
+
+    Each patch is standardised to zero mean / unit std first, so the intensity range of the
+    input does not matter ([0, 1] floats by convention).
+
+    Shape: ``(B, 1, 32, 32) -> (B, 128)``, rows of unit L2 norm.
+    """
+
+    input_size = 32
+    descriptor_dim = 128
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_bn_relu(1, 32),
+            *_conv_bn_relu(32, 32),
+            *_conv_bn_relu(32, 64, stride=2),
+            *_conv_bn_relu(64, 64),
+            *_conv_bn_relu(64, 128, stride=2),
+            *_conv_bn_relu(128, 128),
+            nn.Dropout(dropout),
+            nn.Conv2d(128, 128, kernel_size=8, bias=False),
+            nn.BatchNorm2d(128, affine=False),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # HardNet's init: orthogonal, gain 0.6
+                nn.init.orthogonal_(m.weight, gain=0.6)
+
+    @staticmethod
+    def _normalize_input(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        std, mean = torch.std_mean(x, dim=(-3, -2, -1), keepdim=True)
+        return (x - mean.detach()) / (std.detach() + eps)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if patches.ndim != 4 or tuple(patches.shape[1:]) != (1, self.input_size, self.input_size):
+            raise ValueError(
+                f"HardNet expects patches of shape (B, 1, {self.input_size}, {self.input_size}), "
+                f"got {tuple(patches.shape)}"
+            )
+        x = self.features(self._normalize_input(patches))
+        return F.normalize(x.flatten(1), dim=1)
+
+
+@register_model("hardnet")
+def hardnet(dropout: float = 0.3) -> HardNet:
+    return HardNet(dropout=dropout)

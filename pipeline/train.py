@@ -1,0 +1,210 @@
+"""Distributed training of one descriptor: Ray Train V2 ``TorchTrainer`` + DDP.
+
+    patchflow train --config configs/train.yaml [--set train.epochs=5 ...]
+
+Every rank streams its own shards (``pipeline.data.stream``) and runs the same number of steps;
+every epoch rank 0 evaluates FPR95 on the eval shards with the unwrapped module (a DDP forward on
+one rank would wait for the others), the figure is shared with every rank, and all ranks call
+``ray.train.report`` (rank 0 with the checkpoint). The checkpoint carries model, optimizer, step
+and the MLflow run id, so a restart continues the same run at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config
+from pipeline.data.shards import load_manifest, shard_paths, verify_shards
+from pipeline.data.stream import check_shard_count, load_pairs, train_loader
+from pipeline.device import plan_for
+from pipeline.evaluate import evaluate_pairs
+from pipeline.losses import hardest_in_batch_triplet_loss
+from pipeline.models import create_model
+from pipeline.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+METRIC = "eval_fpr95"  # lower is better
+
+
+def fliprot(pairs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """HardNet's augmentation: one random transpose + flip per pair, applied to both patches
+    (the pair must stay a pair). ``pairs``: (B, 2, P, P)."""
+    transpose = torch.rand(len(pairs), generator=generator) < 0.5
+    flip = torch.rand(len(pairs), generator=generator) < 0.5
+    out = pairs.clone()
+    out[transpose] = out[transpose].transpose(-1, -2)
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    return create_model(cfg.model.arch, dropout=cfg.model.dropout)
+
+
+def save_state(directory: Path, *, model, optimizer, epoch: int, step: int, mlflow_run_id: str | None, cfg: Config) -> None:
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "mlflow_run_id": mlflow_run_id,
+            "config": cfg.model_dump(mode="json"),
+        },
+        directory / CHECKPOINT_FILE,
+    )
+
+
+def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def model_from_checkpoint(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, Config]:
+    state = load_state(checkpoint_dir)
+    cfg = Config.model_validate(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan = plan_for(cfg.scaling.use_gpu, ray.train.torch.get_device())
+    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
+
+    model = build_model(cfg)
+    if plan.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
+    start_epoch, step, run_id = 0, 0, loop_config.get("mlflow_run_id")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        run_id = state["mlflow_run_id"] or run_id
+    model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
+    core = getattr(model, "module", model)
+
+    train_urls = shard_paths(cfg.data.shards, "train")
+    check_shard_count(len(train_urls), world, cfg.data.loader_workers)
+    total_steps = cfg.train.epochs * cfg.train.batches_per_epoch
+    logger = RunLogger(loop_config["tracking_uri"], run_id) if rank == 0 else None
+    if rank == 0:
+        eval_pairs, eval_labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
+    augment_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        augment_rng.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
+        loader = train_loader(
+            train_urls,
+            loader_workers=cfg.data.loader_workers,
+            rank=rank,
+            world_size=world,
+            epoch=epoch,
+            batch_size=cfg.train.batch_size,
+            batches_per_epoch=cfg.train.batches_per_epoch,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.train.seed,
+        )
+        model.train()
+        loss_sum, n_batches, t0 = 0.0, 0, time.perf_counter()
+        for batch in loader:
+            pairs = batch["pairs"]
+            if cfg.train.augment:
+                pairs = fliprot(pairs, augment_rng)
+            b, _, p, _ = pairs.shape
+            x = plan.prepare_batch(pairs.reshape(b * 2, 1, p, p))  # a0, p0, a1, p1, ...
+            lr = cfg.train.lr * (1.0 - step / total_steps)  # HardNet: linear decay to 0
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with plan.autocast():
+                desc = model(x).float().view(b, 2, -1)
+            loss = hardest_in_batch_triplet_loss(
+                desc[:, 0], desc[:, 1], margin=cfg.loss.margin, anchor_swap=cfg.loss.anchor_swap
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item()
+            n_batches += 1
+        seconds = time.perf_counter() - t0
+
+        fpr = evaluate_pairs(core, eval_pairs, eval_labels, plan)[METRIC] if rank == 0 else 0.0
+        # One collective: mean train loss over ranks, and rank 0's FPR95 to everyone.
+        shared = torch.tensor([loss_sum / max(1, n_batches), fpr if rank == 0 else 0.0], dtype=torch.float64)
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            shared = shared.to(plan.device)
+            dist.all_reduce(shared)
+            shared = shared.cpu()
+            shared[0] /= world
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": float(shared[0]),
+            METRIC: float(shared[1]),
+            "lr": lr,
+            "pairs_per_s": n_batches * cfg.train.batch_size * world / seconds if seconds > 0 else math.nan,
+        }
+        if rank == 0:
+            logger.metrics(metrics, step=epoch + 1)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_state(Path(tmp), model=core, optimizer=optimizer, epoch=epoch, step=step, mlflow_run_id=run_id, cfg=cfg)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def preflight(cfg: Config) -> None:
+    """Data checks that must fail before Ray starts: manifest readable, checksums match,
+    enough shards for every rank."""
+    load_manifest(cfg.data.shards)
+    if cfg.data.verify_checksums:
+        verify_shards(cfg.data.shards)
+    world = max(1, cfg.sweep.workers_per_trial if cfg.sweep else cfg.scaling.num_workers)
+    check_shard_count(len(shard_paths(cfg.data.shards, "train")), world, cfg.data.loader_workers)
+    shard_paths(cfg.data.shards, "eval")
+
+
+def build_trainer(cfg: Config, *, name: str, tracking_uri: str, mlflow_run_id: str | None, callbacks=None, num_workers: int | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    plan = plan_for(cfg.scaling.use_gpu)
+    workers = cfg.scaling.num_workers if num_workers is None else num_workers
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        torch_config=TorchConfig(backend=plan.ddp_backend),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(cfg.run.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks or []),
+        ),
+    )

@@ -1,0 +1,220 @@
+"""Hyperparameter sweep: Ray Tune over Ray Train, with ASHA on eval FPR95.
+
+    patchflow sweep --config configs/sweeps/demo.yaml
+
+Train V2 pattern: a Tune trial is a function that builds and fits a ``TorchTrainer`` whose
+``TuneReportCallback`` forwards rank 0's per-epoch metrics (and checkpoint path) to Tune.
+
+Why it cannot deadlock on a small machine: a trial's driver function holds no CPU (it only waits
+on its trainer) but one ``trial_slot`` custom resource, and at most
+``floor(CPUs / (workers_per_trial x cpus_per_worker))`` trials (GPUs: ``floor(GPUs /
+workers_per_trial)``) run at once, so every running trial's workers always fit.
+
+MLflow: one parent run per sweep, one child run per trial (``mlflow.parentRunId``), per-epoch
+metrics logged by the trial's rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.cluster import TRIAL_SLOT, init_ray
+from pipeline.config import Config, ConfigError, SearchDomain, SweepConfig
+from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
+from pipeline.train import METRIC, build_trainer, preflight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    params: dict[str, Any]
+    best_fpr95: float
+    epochs: int
+    checkpoint_path: str | None
+    mlflow_run_id: str | None
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    parent_run_id: str
+    trials: list[TrialOutcome]
+
+    @property
+    def best(self) -> TrialOutcome:
+        done = [t for t in self.trials if t.checkpoint_path and not math.isnan(t.best_fpr95)]
+        if not done:
+            raise RuntimeError(f"sweep {self.sweep_id}: no trial produced a checkpoint; see the trial errors above")
+        return min(done, key=lambda t: t.best_fpr95)
+
+
+def _domain(d: SearchDomain):
+    from ray import tune
+
+    if d.choice is not None:
+        return tune.choice(d.choice)
+    if d.uniform is not None:
+        return tune.uniform(*d.uniform)
+    return tune.loguniform(*d.loguniform)
+
+
+def max_concurrent_trials(sweep: SweepConfig, cfg: Config, resources: dict[str, float]) -> int:
+    """How many trials fit at once, so that every running trial's workers can be placed."""
+    if cfg.scaling.use_gpu:
+        fit = int(resources.get("GPU", 0) // sweep.workers_per_trial)
+    else:
+        fit = int(resources.get("CPU", 0) // (sweep.workers_per_trial * cfg.scaling.cpus_per_worker))
+    if TRIAL_SLOT in resources:
+        fit = min(fit, int(resources[TRIAL_SLOT]))
+    if sweep.max_concurrent_trials is not None:
+        fit = min(fit, sweep.max_concurrent_trials)
+    if fit < 1:
+        raise ConfigError(
+            f"sweep.workers_per_trial: {sweep.workers_per_trial} worker(s) per trial do not fit in the cluster's "
+            f"resources {resources}; lower it or add nodes"
+        )
+    return fit
+
+
+def _trial(params: dict[str, Any], *, base: dict, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str) -> None:
+    """One Tune trial: build and fit a TorchTrainer for this point of the search space."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = Config.model_validate(base).with_updates(params)
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(
+        experiment_id,
+        run_name=ctx.get_trial_name(),
+        tags={"mlflow.parentRunId": parent_run_id, "patchflow.sweep_id": sweep_id, "patchflow.trial_id": trial_id},
+    )
+    run_id = run.info.run_id
+    logger = RunLogger(tracking_uri, run_id)
+    logger.params(cfg.model_dump(mode="json"))
+    logger.tags({f"search.{k}": v for k, v in params.items()})
+    trainer = build_trainer(
+        cfg,
+        name=f"{sweep_id}_{trial_id}",
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        callbacks=[TuneReportCallback()],
+        num_workers=cfg.sweep.workers_per_trial if cfg.sweep else None,
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _outcome(result, mlflow_runs: dict[str, str]) -> TrialOutcome:
+    trial_id = result.path.rstrip("/").split("/")[-1]
+    df = result.metrics_dataframe
+    params = {k: v for k, v in (result.config or {}).items()}
+    if df is None or df.empty or METRIC not in df:
+        return TrialOutcome(trial_id, params, math.nan, 0, None, None, error=str(result.error) if result.error else "no metrics")
+    best = df.loc[df[METRIC].idxmin()]
+    trial_key = str(df["trial_id"].iloc[-1]) if "trial_id" in df else trial_id
+    return TrialOutcome(
+        trial_id=trial_key,
+        params=params,
+        best_fpr95=float(best[METRIC]),
+        epochs=int(df["epoch"].max()),
+        checkpoint_path=best.get("checkpoint_path"),
+        mlflow_run_id=mlflow_runs.get(trial_key),
+        error=str(result.error) if result.error else None,
+    )
+
+
+def run_sweep(cfg: Config, *, sweep_id: str | None = None) -> SweepResult:
+    from mlflow.tracking import MlflowClient
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    sweep = cfg.sweep or SweepConfig()
+    preflight(cfg)
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
+    sweep_id = sweep_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+    init_ray()
+    resources = ray.cluster_resources()
+    concurrent = max_concurrent_trials(sweep, cfg, resources)
+    parent = client.create_run(
+        experiment_id, run_name=sweep_id, tags={"patchflow.sweep_id": sweep_id, "patchflow.kind": "sweep"}
+    )
+    parent_id = parent.info.run_id
+    parent_log = RunLogger(tracking_uri, parent_id)
+    parent_log.params(cfg.model_dump(mode="json"))
+    client.log_dict(parent_id, cfg.model_dump(mode="json"), "sweep_config.json")
+    print(f"[patchflow] sweep {sweep_id}: {sweep.num_samples} trial(s), {concurrent} at a time, "
+          f"{sweep.workers_per_trial} worker(s) each; MLflow parent run {parent_id}", flush=True)
+
+    trial_resources = {"cpu": 0, TRIAL_SLOT: 1} if TRIAL_SLOT in resources else {"cpu": 0}
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial,
+            base=cfg.model_dump(mode="json"),
+            tracking_uri=tracking_uri,
+            experiment_id=experiment_id,
+            parent_run_id=parent_id,
+            sweep_id=sweep_id,
+        ),
+        trial_resources,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={key: _domain(d) for key, d in sweep.search_space.items()},
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="min",
+            scheduler=ASHAScheduler(
+                time_attr="epoch",
+                max_t=cfg.train.epochs,
+                grace_period=min(sweep.grace_period, cfg.train.epochs),
+                reduction_factor=sweep.reduction_factor,
+            ),
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=str(cfg.run.storage_path), verbose=1),
+    )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        client.set_terminated(parent_id, "KILLED")
+        raise
+
+    children = client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000
+    )
+    mlflow_runs = {r.data.tags.get("patchflow.trial_id"): r.info.run_id for r in children}
+    trials = [_outcome(r, mlflow_runs) for r in grid]
+    # ASHA stops a trial by ending its driver: its MLflow run is left RUNNING; say what happened.
+    for r in children:
+        if r.info.status == "RUNNING":
+            client.set_tag(r.info.run_id, "patchflow.stopped_by", "asha")
+            client.set_terminated(r.info.run_id, "KILLED")
+    result = SweepResult(sweep_id, parent_id, trials)
+    ok = [t for t in trials if not math.isnan(t.best_fpr95)]
+    if ok:
+        best = result.best
+        parent_log.metrics({"best_eval_fpr95": best.best_fpr95, "trials_finished": len(ok)}, step=0)
+        parent_log.tags({"patchflow.best_trial": best.trial_id, "patchflow.best_run_id": best.mlflow_run_id or ""})
+    client.log_dict(parent_id, {"trials": [t.__dict__ for t in trials]}, "leaderboard.json")
+    client.set_terminated(parent_id, "FINISHED" if ok else "FAILED")
+    return result
