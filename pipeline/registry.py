@@ -125,13 +125,13 @@ def register_checkpoint(
     except mlflow.exceptions.MlflowException:
         champion = None
     champion_fpr = None
-    if champion is not None and champion.version != version:
+    if champion is not None and str(champion.version) != version:
         champion_model = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}", map_location="cpu")
         champion_fpr = evaluate_pairs(champion_model, pairs, labels)[METRIC]
     promoted = champion is None or (champion_fpr is not None and fpr < champion_fpr)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    champion_version = version if promoted else champion.version
+    champion_version = version if promoted else str(champion.version)
     print(
         f"[patchflow] registered {name} v{version} (FPR95 {fpr:.4f}); champion "
         + (f"was v{champion.version} at {champion_fpr:.4f} on the same pairs; " if champion_fpr is not None else "was none; ")

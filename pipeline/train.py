@@ -164,9 +164,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "step": step,
             "train_loss": float(shared[0]),
             METRIC: float(shared[1]),
+            "mlflow_run_id": run_id or "",
             "lr": lr,
             "pairs_per_s": n_batches * cfg.train.batch_size * world / seconds if seconds > 0 else math.nan,
         }
+        if loop_config.get("dump_params_dir"):  # test hook: each rank's weights, to compare across ranks
+            torch.save(core.state_dict(), Path(loop_config["dump_params_dir"]) / f"rank{rank}-epoch{epoch}.pt")
         if rank == 0:
             logger.metrics(metrics, step=epoch + 1)
             with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +190,16 @@ def preflight(cfg: Config) -> None:
     shard_paths(cfg.data.shards, "eval")
 
 
-def build_trainer(cfg: Config, *, name: str, tracking_uri: str, mlflow_run_id: str | None, callbacks=None, num_workers: int | None = None):
+def build_trainer(
+    cfg: Config,
+    *,
+    name: str,
+    tracking_uri: str,
+    mlflow_run_id: str | None,
+    callbacks=None,
+    num_workers: int | None = None,
+    extra_loop_config: dict[str, Any] | None = None,
+):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -195,7 +207,12 @@ def build_trainer(cfg: Config, *, name: str, tracking_uri: str, mlflow_run_id: s
     workers = cfg.scaling.num_workers if num_workers is None else num_workers
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+            **(extra_loop_config or {}),
+        },
         torch_config=TorchConfig(backend=plan.ddp_backend),
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}

@@ -1,0 +1,292 @@
+"""WebDataset shards of patch pairs: writing, manifest, verification, listing.
+
+Layout (read by ``pipeline.data.stream`` and the eval code; keep it exact)::
+
+    {out_dir}/{split}-{index:06d}.tar     split in {"train", "eval"}
+    {out_dir}/manifest.json
+
+Each tar sample is a BLOCK of K pairs, key ``{split}-{index:06d}-{block:05d}`` (block index within
+the shard), with three ``np.save`` members: ``pairs.npy`` uint8 (K, 2, P, P), ``labels.npy`` uint8
+(K,) (1 = same scene point), ``ids.npy`` int64 (K, 2) (global point ids, equal iff positive).
+One pair per tar member would decode at only ~5-20k samples/s per core; blocks decode near memory
+speed. The last block of a split may hold fewer than ``pairs_per_block`` pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "eval")
+MANIFEST_NAME = "manifest.json"
+MEMBERS = ("pairs.npy", "labels.npy", "ids.npy")
+_REQUIRED_TOP = ("schema_version", "source", "patch_size", "pairs_per_block", "splits")
+_REQUIRED_SPLIT = ("pairs", "positives", "shards")
+_REQUIRED_SHARD = ("name", "pairs", "blocks", "sha256")
+
+
+class ShardError(ValueError):
+    """A shard or manifest is missing, malformed or does not match its checksum."""
+
+
+@dataclass
+class PairBlock:
+    """K patch pairs stored together as one tar sample."""
+
+    pairs: np.ndarray  # uint8 (K, 2, P, P)
+    labels: np.ndarray  # uint8 (K,)
+    ids: np.ndarray  # int64 (K, 2)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def validate(self, patch_size: int, where: str = "PairBlock") -> None:
+        """Raise ShardError (prefixed with ``where``) unless dtypes/shapes match the shard format."""
+        p, lab, ids = self.pairs, self.labels, self.ids
+        if not (isinstance(p, np.ndarray) and p.dtype == np.uint8 and p.ndim == 4 and p.shape[1:] == (2, patch_size, patch_size)):
+            raise ShardError(f"{where}: pairs must be uint8 (K, 2, {patch_size}, {patch_size}), "
+                             f"got {getattr(p, 'dtype', type(p))} {getattr(p, 'shape', None)}")
+        k = p.shape[0]
+        if k == 0:
+            raise ShardError(f"{where}: empty block (K=0), expected at least one pair")
+        if not (isinstance(lab, np.ndarray) and lab.dtype == np.uint8 and lab.shape == (k,)):
+            raise ShardError(f"{where}: labels must be uint8 ({k},), got {getattr(lab, 'dtype', type(lab))} "
+                             f"{getattr(lab, 'shape', None)}")
+        if not (isinstance(ids, np.ndarray) and ids.dtype == np.int64 and ids.shape == (k, 2)):
+            raise ShardError(f"{where}: ids must be int64 ({k}, 2), got {getattr(ids, 'dtype', type(ids))} "
+                             f"{getattr(ids, 'shape', None)}")
+        if lab.max() > 1:
+            raise ShardError(f"{where}: labels must be 0 or 1, got max {int(lab.max())}")
+        # Losses and metrics rely on "same id <=> positive"; a block breaking it is a generator bug.
+        if not np.array_equal(ids[:, 0] == ids[:, 1], lab == 1):
+            bad = int(np.flatnonzero((ids[:, 0] == ids[:, 1]) != (lab == 1))[0])
+            raise ShardError(f"{where}: pair {bad} has ids {ids[bad].tolist()} but label {int(lab[bad])} "
+                             f"(expected ids equal iff label 1)")
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    """Atomically publish ``tmp`` as ``final``: readers see the old file or the complete new one."""
+    os.replace(tmp, final)
+    try:  # make the rename durable; not possible on every platform/filesystem
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def _write_shard(path: Path, split: str, index: int, blocks: list[PairBlock]) -> dict:
+    """Write one shard via ``path.tmp`` + os.replace and return its manifest entry."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            # encoder=False: members are already npy bytes; mtime=0: no per-member PAX header
+            # (a float mtime grows shards ~67%) and byte-identical shards across runs.
+            writer = wds.TarWriter(f, encoder=False, mtime=0)
+            for b, block in enumerate(blocks):
+                writer.write({
+                    "__key__": f"{split}-{index:06d}-{b:05d}",
+                    "pairs.npy": _npy_bytes(block.pairs),
+                    "labels.npy": _npy_bytes(block.labels),
+                    "ids.npy": _npy_bytes(block.ids),
+                })
+            writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"name": path.name, "pairs": sum(len(b) for b in blocks), "blocks": len(blocks), "sha256": digest}
+
+
+def write_split(out_dir: str | os.PathLike, split: str, blocks: Iterable[PairBlock], blocks_per_shard: int,
+                progress: bool = True) -> dict:
+    """Write ``blocks`` as ``{split}-{index:06d}.tar`` shards of ``blocks_per_shard`` blocks each.
+
+    All blocks must share one patch size (taken from the first). Returns the split's manifest
+    entry ``{"pairs", "positives", "shards": [{"name", "pairs", "blocks", "sha256"}]}``. Shards of
+    this split left over from an earlier, larger write are removed so globs cannot pick them up.
+    """
+    if split not in SPLITS:
+        raise ShardError(f"{out_dir}: unknown split {split!r}, expected one of {SPLITS}")
+    if blocks_per_shard < 1:
+        raise ShardError(f"{out_dir}: blocks_per_shard must be >= 1, got {blocks_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    pending: list[PairBlock] = []
+    positives = 0
+    patch_size: int | None = None
+    with tqdm(desc=f"shards {split}", unit="pair", disable=not progress, file=sys.stderr) as bar:
+        for block in blocks:
+            if patch_size is None:
+                patch_size = int(np.shape(block.pairs)[-1])
+            name = _shard_name(split, len(shards))
+            block.validate(patch_size, where=f"{out / name} block {len(pending)}")
+            pending.append(block)
+            positives += int(block.labels.sum())
+            bar.update(len(block))
+            if len(pending) == blocks_per_shard:
+                shards.append(_write_shard(out / name, split, len(shards), pending))
+                pending = []
+        if pending:
+            shards.append(_write_shard(out / _shard_name(split, len(shards)), split, len(shards), pending))
+    if not shards:
+        raise ShardError(f"{out}: no blocks given for split {split!r}, expected at least one")
+    keep = {s["name"] for s in shards}
+    pattern = re.compile(rf"^{split}-\d{{6}}\.tar(\.tmp)?$")
+    for stale in out.iterdir():
+        if pattern.match(stale.name) and stale.name not in keep:
+            stale.unlink()
+    return {"pairs": sum(s["pairs"] for s in shards), "positives": positives, "shards": shards}
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
+    """Write ``manifest.json`` atomically (temp file + os.replace); fills ``created`` if absent."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = dict(manifest)
+    manifest.setdefault("schema_version", SCHEMA_VERSION)
+    manifest.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    path = out / MANIFEST_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _manifest_path(shard_dir: str | os.PathLike) -> Path:
+    p = Path(shard_dir)
+    return p if p.name == MANIFEST_NAME and not p.is_dir() else p / MANIFEST_NAME
+
+
+def load_manifest(shard_dir: str | os.PathLike) -> dict:
+    """Read and check ``{shard_dir}/manifest.json`` (``shard_dir`` may also be the file itself)."""
+    path = _manifest_path(shard_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ShardError(f"{path}: manifest not found (expected a shard directory written by write_manifest)") from None
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise ShardError(f"{path}: expected a JSON object, got {type(m).__name__}")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema_version {m.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    missing = [k for k in _REQUIRED_TOP if k not in m]
+    if missing:
+        raise ShardError(f"{path}: missing keys {missing}, expected {list(_REQUIRED_TOP)}")
+    if not isinstance(m["splits"], dict):
+        raise ShardError(f"{path}: 'splits' must be an object keyed by split name")
+    for split, entry in m["splits"].items():
+        missing = [k for k in _REQUIRED_SPLIT if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise ShardError(f"{path}: split {split!r} is missing keys {missing}, expected {list(_REQUIRED_SPLIT)}")
+        for i, shard in enumerate(entry["shards"]):
+            missing = [k for k in _REQUIRED_SHARD if not isinstance(shard, dict) or k not in shard]
+            if missing:
+                raise ShardError(f"{path}: split {split!r} shard {i} is missing keys {missing}, "
+                                 f"expected {list(_REQUIRED_SHARD)}")
+    return m
+
+
+def shard_paths(shard_dir: str | os.PathLike, split: str) -> list[str]:
+    """Absolute paths of ``split``'s shards in manifest order; each must exist."""
+    m = load_manifest(shard_dir)
+    path = _manifest_path(shard_dir)
+    entry = m["splits"].get(split)
+    if not entry or not entry["shards"]:
+        raise ShardError(f"{path}: split {split!r} is absent or has no shards (present: {sorted(m['splits'])})")
+    out = []
+    for shard in entry["shards"]:
+        p = (path.parent / shard["name"]).resolve()
+        if not p.is_file():
+            raise ShardError(f"{p}: shard listed in {path} for split {split!r} is missing")
+        out.append(str(p))
+    return out
+
+
+def verify_shards(shard_dir: str | os.PathLike, split: str | None = None) -> None:
+    """Recompute every listed shard's sha256 (one split or all); raise on the first mismatch."""
+    m = load_manifest(shard_dir)
+    splits = [split] if split is not None else list(m["splits"])
+    for s in splits:
+        expected = {sh["name"]: sh["sha256"] for sh in m["splits"].get(s, {}).get("shards", [])}
+        for p in shard_paths(shard_dir, s):
+            actual = _sha256(Path(p))
+            if actual != expected[Path(p).name]:
+                raise ShardError(f"{p}: sha256 {actual} does not match manifest sha256 {expected[Path(p).name]}")
+
+
+def read_blocks(path: str | os.PathLike) -> Iterator[PairBlock]:
+    """Yield the blocks of one shard in order (plain tarfile + np.load; for tests and small tools)."""
+    def make(key: str, members: dict[str, bytes]) -> PairBlock:
+        missing = [m for m in MEMBERS if m not in members]
+        if missing:
+            raise ShardError(f"{path}: sample {key!r} lacks members {missing}, expected {list(MEMBERS)}")
+        arrays = {m: np.load(io.BytesIO(members[m]), allow_pickle=False) for m in MEMBERS}
+        return PairBlock(arrays["pairs.npy"], arrays["labels.npy"], arrays["ids.npy"])
+
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, _, ext = info.name.partition(".")  # webdataset: key = name up to the first dot
+                if k != key:
+                    if key is not None:
+                        yield make(key, members)
+                    key, members = k, {}
+                members[ext] = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise ShardError(f"{path}: not a readable tar shard ({e})") from None
+    if key is not None:
+        yield make(key, members)

@@ -1,0 +1,37 @@
+"""Session-wide real parts: one local Ray cluster and one set of synthetic shards for the run."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster, started once: 2 CPUs (the CI machine's size) and 2 trial slots
+    (see pipeline.tune for why Tune trial drivers hold a slot instead of a CPU)."""
+    import ray
+
+    from pipeline.cluster import TRIAL_SLOT
+
+    ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """Real tar shards from the real generator, small: 16 train shards of 256 pairs, 4 eval shards."""
+    from pipeline.data.synthetic import generate_synthetic
+
+    out = tmp_path_factory.mktemp("shards")
+    generate_synthetic(out, train_pairs=4096, eval_pairs=1024, pairs_per_block=128, blocks_per_shard=2, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,92 @@
+"""Sweep (Ray Tune over Ray Train) and registry gating on a real Ray cluster and SQLite MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import load_descriptor
+from pipeline.data.shards import shard_paths
+from pipeline.data.stream import load_pairs
+from pipeline.evaluate import evaluate_pairs
+from pipeline.registry import register_checkpoint
+from pipeline.train import METRIC, model_from_checkpoint, save_state
+from pipeline.tune import run_sweep
+from helpers import small_config
+
+
+@pytest.fixture(scope="module")
+def sweep_run(ray_cluster, synthetic_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = small_config(
+        synthetic_shards, tmp, uri,
+        train={"epochs": 2, "batches_per_epoch": 4},
+        sweep={"num_samples": 2, "workers_per_trial": 1, "grace_period": 2,
+               "search_space": {"loss.margin": {"choice": [0.5, 1.0]}, "train.batch_size": {"choice": [16, 32]}}},
+    )
+    return cfg, run_sweep(cfg), uri, tmp
+
+
+def test_sweep_logs_a_parent_with_one_child_per_trial(sweep_run):
+    cfg, result, uri, _ = sweep_run
+    assert len(result.trials) == 2 and all(t.error is None for t in result.trials)
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["patchflow.sweep_id"] == result.sweep_id
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert {c.info.run_id for c in children} == {t.mlflow_run_id for t in result.trials}
+    for child, trial in ((c, next(t for t in result.trials if t.mlflow_run_id == c.info.run_id)) for c in children):
+        assert float(child.data.params["loss.margin"]) == trial.params["loss.margin"]  # params = validated config
+        assert int(child.data.params["train.batch_size"]) == trial.params["train.batch_size"]
+        history = client.get_metric_history(child.info.run_id, METRIC)
+        assert [m.step for m in history] == list(range(1, len(history) + 1))
+        assert min(m.value for m in history) == pytest.approx(trial.best_fpr95)
+    best = result.best
+    assert best.best_fpr95 == min(t.best_fpr95 for t in result.trials)
+    assert Path(best.checkpoint_path).is_dir()
+
+
+def test_registration_loads_back_and_gates_the_champion(sweep_run):
+    cfg, result, uri, tmp = sweep_run
+    best = result.best
+    pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
+    first = register_checkpoint(cfg, best.checkpoint_path, best.mlflow_run_id, sweep_id=result.sweep_id)
+    assert first.promoted and first.champion_fpr95 is None
+
+    # The registered model reproduces the trained module's descriptors and behaves like kornia's HardNet.
+    trained, _ = model_from_checkpoint(best.checkpoint_path)
+    loaded = load_descriptor(f"models:/{cfg.mlflow.registered_model}@champion", tracking_uri=uri)
+    assert not loaded.training
+    x = torch.rand(16, 1, 32, 32)
+    out = loaded(x)
+    assert out.shape == (16, 128)
+    torch.testing.assert_close(out, trained(x))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(16))
+    assert first.fpr95 == pytest.approx(evaluate_pairs(trained, pairs, labels)[METRIC])
+
+    client = MlflowClient(uri)
+    version = client.get_model_version(cfg.mlflow.registered_model, first.version)
+    assert version.tags["architecture"] == "hardnet" and version.tags["sweep_id"] == result.sweep_id
+    assert len(version.tags["data_manifest_sha256"]) == 64
+
+    # A decisively worse model (all-zero weights: every distance ties, FPR95 = 1) is registered as
+    # challenger but does not take the champion alias; the champion is re-evaluated on the same pairs.
+    worse_dir = tmp / "worse"
+    worse_dir.mkdir()
+    worse = trained.__class__()
+    with torch.no_grad():
+        for p in worse.parameters():
+            p.zero_()
+    save_state(worse_dir, model=worse, optimizer=torch.optim.SGD(worse.parameters(), lr=0.1), epoch=0, step=0,
+               mlflow_run_id=None, cfg=cfg)
+    second = register_checkpoint(cfg, str(worse_dir), best.mlflow_run_id, sweep_id="manual")
+    assert second.fpr95 == 1.0 and not second.promoted
+    assert second.champion_fpr95 == pytest.approx(first.fpr95)  # recomputed, equal to the champion's own figure
+    aliases = {a: str(client.get_model_version_by_alias(cfg.mlflow.registered_model, a).version) for a in ("champion", "challenger")}
+    assert aliases == {"champion": first.version, "challenger": second.version}

@@ -1,0 +1,93 @@
+"""Synthetic generator on real files: determinism, split contents, and that warps keep the point."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+
+from pipeline.data.shards import load_manifest, read_blocks, shard_paths, verify_shards
+from pipeline.data.synthetic import generate_synthetic, source_images
+
+KW = dict(train_pairs=300, eval_pairs=400, patch_size=32, pairs_per_block=64, blocks_per_shard=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def seed0(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synth0")
+    return out, generate_synthetic(out, seed=0, **KW)
+
+
+def load(shard_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    blocks = [b for p in shard_paths(shard_dir, split) for b in read_blocks(p)]
+    return (np.concatenate([b.pairs for b in blocks]), np.concatenate([b.labels for b in blocks]),
+            np.concatenate([b.ids for b in blocks]))
+
+
+def shas(manifest: dict) -> list[str]:
+    return [s["sha256"] for split in ("train", "eval") for s in manifest["splits"][split]["shards"]]
+
+
+def l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(((a.astype(np.float64) - b.astype(np.float64)) ** 2).sum((-2, -1)))
+
+
+def test_deterministic_given_seed(seed0, tmp_path: Path) -> None:
+    _, m0 = seed0
+    again = generate_synthetic(tmp_path / "again", seed=0, **KW)
+    other = generate_synthetic(tmp_path / "other", seed=1, **KW)
+    assert shas(again) == shas(m0)
+    assert not set(shas(other)) & set(shas(m0))
+
+
+def test_manifest_and_sources(seed0) -> None:
+    out, m = seed0
+    assert load_manifest(out)["splits"] == m["splits"]
+    verify_shards(out)
+    assert not list(out.glob("*.tmp"))
+    images = m["generator"]["images"]
+    assert images == source_images()
+    assert not set(images["train"]) & set(images["eval"])
+    for name in images["train"] + images["eval"]:  # bundled in the wheel: no download needed
+        assert os.path.isfile(os.path.join(skimage.data.data_dir, name))
+    assert m["generator"]["seed"] == 0 and m["source"] == "synthetic" and m["patch_size"] == 32
+    # 300 pairs in blocks of 64, two blocks per shard -> 5 blocks -> 3 shards
+    assert [(s["pairs"], s["blocks"]) for s in m["splits"]["train"]["shards"]] == [(128, 2), (128, 2), (44, 1)]
+
+
+def test_train_split_all_positive_unique_ids(seed0) -> None:
+    out, m = seed0
+    pairs, labels, ids = load(out, "train")
+    assert pairs.dtype == np.uint8 and pairs.shape == (300, 2, 32, 32)
+    assert labels.dtype == np.uint8 and ids.dtype == np.int64 and ids.shape == (300, 2)
+    assert (labels == 1).all() and (ids[:, 0] == ids[:, 1]).all()
+    assert len(np.unique(ids[:, 0])) == 300
+    assert m["splits"]["train"]["pairs"] == m["splits"]["train"]["positives"] == 300
+    assert pairs.std() > 20  # real image content, not flat patches
+
+
+def test_eval_split_balanced_and_ids_consistent(seed0) -> None:
+    out, m = seed0
+    pairs, labels, ids = load(out, "eval")
+    assert pairs.shape == (400, 2, 32, 32) and labels.shape == (400,) and ids.shape == (400, 2)
+    assert labels.sum() == 200 == m["splits"]["eval"]["positives"]
+    np.testing.assert_array_equal(ids[:, 0] == ids[:, 1], labels == 1)
+    assert 0.2 < labels[:200].mean() < 0.8  # shuffled, not all positives first
+    _, _, train_ids = load(out, "train")
+    assert not set(ids.ravel()) & set(train_ids.ravel())
+
+
+def test_positives_look_alike_negatives_do_not(seed0) -> None:
+    out, _ = seed0
+    pairs, labels, _ = load(out, "eval")
+    d = l2(pairs[:, 0], pairs[:, 1])
+    pos, neg = d[labels == 1].mean(), d[labels == 0].mean()
+    assert pos < 0.75 * neg, (pos, neg)
+    # train: each positive is closer than the same patch a against another pair's patch b
+    tp, _, _ = load(out, "train")
+    same = l2(tp[:, 0], tp[:, 1])
+    shifted = l2(tp[:, 0], np.roll(tp[:, 1], 1, axis=0))
+    assert same.mean() < 0.75 * shifted.mean() and (same < shifted).mean() > 0.75
