@@ -75,19 +75,22 @@ class MlflowConfig(_Strict):
 
 
 class SearchDomain(_Strict):
-    """Exactly one of: ``choice: [..]``, ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``."""
+    """Exactly one of: ``grid: [..]`` (every value, Tune's grid_search), ``choice: [..]`` (sampled),
+    ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``."""
 
+    grid: list[Any] | None = None
     choice: list[Any] | None = None
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SearchDomain":
-        kinds = [k for k in ("choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        kinds = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"give exactly one of choice / uniform / loguniform, got {kinds or 'none'}")
-        if self.choice is not None and not self.choice:
-            raise ValueError("choice needs at least one value")
+            raise ValueError(f"give exactly one of grid / choice / uniform / loguniform, got {kinds or 'none'}")
+        for kind in ("grid", "choice"):
+            if getattr(self, kind) == []:
+                raise ValueError(f"{kind} needs at least one value")
         for kind in ("uniform", "loguniform"):
             bounds = getattr(self, kind)
             if bounds is not None and not bounds[0] < bounds[1]:
@@ -97,12 +100,15 @@ class SearchDomain(_Strict):
         return self
 
     def candidates(self) -> list[Any]:
-        """Values that must all be valid for the key: the choices, or the two bounds."""
-        return list(self.choice if self.choice is not None else (self.uniform or self.loguniform))
+        """Values that must all be valid for the key: the listed values, or the two bounds."""
+        for values in (self.grid, self.choice, self.uniform, self.loguniform):
+            if values is not None:
+                return list(values)
+        return []
 
 
 class SweepConfig(_Strict):
-    num_samples: int = Field(4, ge=1, description="trials (each choice grid point counts as sampled)")
+    num_samples: int = Field(4, ge=1, description="samples of the space; with grid keys, repeats of the whole grid")
     search_space: dict[str, SearchDomain] = Field(default_factory=dict, description="dotted config key -> domain")
     workers_per_trial: int = Field(1, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1, description="None = as many as the CPUs/GPUs fit")

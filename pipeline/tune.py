@@ -59,6 +59,8 @@ class SweepResult:
 def _domain(d: SearchDomain):
     from ray import tune
 
+    if d.grid is not None:
+        return tune.grid_search(d.grid)
     if d.choice is not None:
         return tune.choice(d.choice)
     if d.uniform is not None:

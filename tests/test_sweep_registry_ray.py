@@ -27,8 +27,8 @@ def sweep_run(ray_cluster, synthetic_shards, tmp_path_factory):
     cfg = small_config(
         synthetic_shards, tmp, uri,
         train={"epochs": 2, "batches_per_epoch": 4},
-        sweep={"num_samples": 2, "workers_per_trial": 1, "grace_period": 2,
-               "search_space": {"loss.margin": {"choice": [0.5, 1.0]}, "train.batch_size": {"choice": [16, 32]}}},
+        sweep={"num_samples": 1, "workers_per_trial": 1, "grace_period": 2,
+               "search_space": {"loss.margin": {"grid": [0.5, 1.0]}, "train.batch_size": {"choice": [16, 32]}}},
     )
     return cfg, run_sweep(cfg), uri, tmp
 

@@ -34,3 +34,25 @@ def test_ddp_ranks_stay_in_sync_and_report_every_epoch(ray_cluster, synthetic_sh
     history = client.get_metric_history(run_id, METRIC)
     assert [m.step for m in history] == [1, 2]
     assert history[-1].value == result.metrics[METRIC]
+
+
+def test_cli_train_runs_and_logs_one_mlflow_run(ray_cluster, synthetic_shards, tmp_path, monkeypatch, capsys):
+    """`patchflow train` end to end: the shipped config with --set overrides, tracking in the
+    default SQLite file of the working directory."""
+    from pathlib import Path
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = Path(__file__).resolve().parents[1] / "configs" / "train.yaml"
+    overrides = [f"data.shards={synthetic_shards}", "data.eval_pairs=256", "train.epochs=1",
+                 "train.batches_per_epoch=3", "train.batch_size=16", "run.name=cli-run"]
+    assert main(["train", "--config", str(config), *sum((["--set", o] for o in overrides), [])]) == 0
+    assert "eval_fpr95=" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["train.batch_size"] == "16" and runs[0].data.tags["patchflow.run_name"] == "cli-run"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, METRIC)] == [1]
+    assert (tmp_path / "runs" / "cli-run").is_dir()
