@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     from pipeline.train import METRIC, build_trainer, preflight
 
     cfg = _load(args)
-    preflight(cfg)
+    shard_urls = preflight(cfg)
     name = cfg.run.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(uri)
@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
     if not existing:
         RunLogger(uri, run_id).params(cfg.model_dump(mode="json"))
     init_ray()
-    trainer = build_trainer(cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id)
+    trainer = build_trainer(cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id, shard_urls=shard_urls)
     try:
         result = trainer.fit()
     except BaseException:

@@ -30,7 +30,8 @@ class DataConfig(_Strict):
     shards: str = Field(description="folder with manifest.json and the train/eval .tar shards")
     shuffle_buffer: int = Field(4096, ge=0, description="pairs held in the in-memory shuffle buffer")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
-    verify_checksums: bool = True
+    verify_checksums: bool = Field(True, description="check every shard's sha256 against the manifest before training")
+    on_bad_checksum: Literal["error", "skip"] = Field("error", description="refuse to train, or leave the shard out")
     eval_pairs: int | None = Field(None, ge=2, description="cap on eval pairs (None = all)")
 
 

@@ -11,6 +11,7 @@ and the MLflow run id, so a restart continues the same run at the same step.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.data.shards import load_manifest, shard_paths, verify_shards
+from pipeline.data.shards import ShardError, load_manifest, shard_paths
 from pipeline.data.stream import check_shard_count, load_pairs, train_loader
 from pipeline.device import plan_for
 from pipeline.evaluate import evaluate_pairs
@@ -106,12 +107,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
     core = getattr(model, "module", model)
 
-    train_urls = shard_paths(cfg.data.shards, "train")
+    urls = loop_config.get("shard_urls") or {s: shard_paths(cfg.data.shards, s) for s in ("train", "eval")}
+    train_urls = urls["train"]
     check_shard_count(len(train_urls), world, cfg.data.loader_workers)
     total_steps = cfg.train.epochs * cfg.train.batches_per_epoch
     logger = RunLogger(loop_config["tracking_uri"], run_id) if rank == 0 else None
     if rank == 0:
-        eval_pairs, eval_labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
+        eval_pairs, eval_labels, _ = load_pairs(urls["eval"], cfg.data.eval_pairs)
     augment_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -128,9 +130,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seed=cfg.train.seed,
         )
         model.train()
-        loss_sum, n_batches, t0 = 0.0, 0, time.perf_counter()
+        loss_sum, n_batches, skipped, t0 = 0.0, 0, 0, time.perf_counter()
         for batch in loader:
             pairs = batch["pairs"]
+            skipped += batch["skipped"]
             if cfg.train.augment:
                 pairs = fliprot(pairs, augment_rng)
             b, _, p, _ = pairs.shape
@@ -152,8 +155,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - t0
 
         fpr = evaluate_pairs(core, eval_pairs, eval_labels, plan)[METRIC] if rank == 0 else 0.0
-        # One collective: mean train loss over ranks, and rank 0's FPR95 to everyone.
-        shared = torch.tensor([loss_sum / max(1, n_batches), fpr if rank == 0 else 0.0], dtype=torch.float64)
+        # One collective: mean train loss over ranks, rank 0's FPR95 to everyone, skipped samples summed.
+        shared = torch.tensor([loss_sum / max(1, n_batches), fpr if rank == 0 else 0.0, skipped], dtype=torch.float64)
         if world > 1 and dist.is_available() and dist.is_initialized():
             shared = shared.to(plan.device)
             dist.all_reduce(shared)
@@ -164,6 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "step": step,
             "train_loss": float(shared[0]),
             METRIC: float(shared[1]),
+            "data/skipped_samples": int(shared[2]),
             "mlflow_run_id": run_id or "",
             "lr": lr,
             "pairs_per_s": n_batches * cfg.train.batch_size * world / seconds if seconds > 0 else math.nan,
@@ -179,15 +183,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=None)
 
 
-def preflight(cfg: Config) -> None:
-    """Data checks that must fail before Ray starts: manifest readable, checksums match,
-    enough shards for every rank."""
-    load_manifest(cfg.data.shards)
-    if cfg.data.verify_checksums:
-        verify_shards(cfg.data.shards)
+def preflight(cfg: Config) -> dict[str, list[str]]:
+    """Data checks that must fail before Ray starts: manifest readable, shards present, checksums
+    match (or bad shards left out with ``data.on_bad_checksum: skip``), enough shards for every
+    rank. Returns the shard paths per split that training should read."""
+    manifest = load_manifest(cfg.data.shards)
+    urls = {}
+    for split in ("train", "eval"):
+        paths = shard_paths(cfg.data.shards, split)
+        if cfg.data.verify_checksums:
+            expected = {sh["name"]: sh["sha256"] for sh in manifest["splits"][split]["shards"]}
+            good = []
+            for path in paths:
+                with open(path, "rb") as f:
+                    actual = hashlib.file_digest(f, "sha256").hexdigest()
+                if actual == expected[Path(path).name]:
+                    good.append(path)
+                    continue
+                problem = f"{path}: sha256 {actual} does not match the manifest's {expected[Path(path).name]}"
+                if cfg.data.on_bad_checksum == "error":
+                    raise ShardError(problem + " (set data.on_bad_checksum: skip to leave it out)")
+                log.warning("%s: shard left out", problem)
+            paths = good
+        if not paths:
+            raise ShardError(f"{cfg.data.shards}: no usable {split} shard left after checksum verification")
+        urls[split] = paths
     world = max(1, cfg.sweep.workers_per_trial if cfg.sweep else cfg.scaling.num_workers)
-    check_shard_count(len(shard_paths(cfg.data.shards, "train")), world, cfg.data.loader_workers)
-    shard_paths(cfg.data.shards, "eval")
+    check_shard_count(len(urls["train"]), world, cfg.data.loader_workers)
+    return urls
 
 
 def build_trainer(
@@ -199,6 +222,7 @@ def build_trainer(
     callbacks=None,
     num_workers: int | None = None,
     extra_loop_config: dict[str, Any] | None = None,
+    shard_urls: dict[str, list[str]] | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -211,6 +235,7 @@ def build_trainer(
             "config": cfg.model_dump(mode="json"),
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
+            "shard_urls": shard_urls,
             **(extra_loop_config or {}),
         },
         torch_config=TorchConfig(backend=plan.ddp_backend),

@@ -86,7 +86,16 @@ def max_concurrent_trials(sweep: SweepConfig, cfg: Config, resources: dict[str, 
     return fit
 
 
-def _trial(params: dict[str, Any], *, base: dict, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str) -> None:
+def _trial(
+    params: dict[str, Any],
+    *,
+    base: dict,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    sweep_id: str,
+    shard_urls: dict[str, list[str]],
+) -> None:
     """One Tune trial: build and fit a TorchTrainer for this point of the search space."""
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -112,6 +121,7 @@ def _trial(params: dict[str, Any], *, base: dict, tracking_uri: str, experiment_
         mlflow_run_id=run_id,
         callbacks=[TuneReportCallback()],
         num_workers=cfg.sweep.workers_per_trial if cfg.sweep else None,
+        shard_urls=shard_urls,
     )
     try:
         trainer.fit()
@@ -147,7 +157,7 @@ def run_sweep(cfg: Config, *, sweep_id: str | None = None) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
 
     sweep = cfg.sweep or SweepConfig()
-    preflight(cfg)
+    shard_urls = preflight(cfg)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
@@ -175,6 +185,7 @@ def run_sweep(cfg: Config, *, sweep_id: str | None = None) -> SweepResult:
             experiment_id=experiment_id,
             parent_run_id=parent_id,
             sweep_id=sweep_id,
+            shard_urls=shard_urls,
         ),
         trial_resources,
     )

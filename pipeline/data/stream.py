@@ -16,6 +16,7 @@ Pairs stay uint8 until after batching; ``DevicePlan.prepare_batch`` converts on 
 from __future__ import annotations
 
 import io
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -24,8 +25,28 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
+log = logging.getLogger(__name__)
+
+
 class StreamError(ValueError):
     """The shards cannot feed the requested ranks / workers."""
+
+
+class SkipCounter:
+    """WebDataset error handler that skips a bad sample or truncated tar, counts it and warns
+    once per shard (webdataset's ``warn_and_continue`` warns every time and sleeps)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._warned: set[str] = set()
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        shard = next((str(a) for a in reversed(getattr(exn, "args", ())) if isinstance(a, str) and ".tar" in a), "?")
+        if shard not in self._warned:
+            self._warned.add(shard)
+            log.warning("skipping bad data in shard %s (further problems in this shard are counted, not shown): %r", shard, exn)
+        return True
 
 
 def shards_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
@@ -43,32 +64,63 @@ def check_shard_count(n_shards: int, world_size: int, loader_workers: int, split
 
 
 class _ShardCycle(IterableDataset):
-    """Yields {"url": ...} over this rank's shards forever, reshuffled on every pass."""
+    """Yields {"url": ...} over this rank's shards forever, reshuffled on every pass. A pass that
+    decoded nothing (every shard this reader got is bad) raises instead of spinning forever."""
 
-    def __init__(self, urls: list[str], seed: tuple[int, ...]) -> None:
-        self.urls, self.seed = list(urls), seed
+    def __init__(self, urls: list[str], seed: tuple[int, ...], progress: dict) -> None:
+        self.urls, self.seed, self.progress = list(urls), seed, progress
 
     def __iter__(self) -> Iterator[dict]:
         rng = np.random.default_rng(self.seed)
         while True:
+            blocks_before = self.progress["blocks"]
             for i in rng.permutation(len(self.urls)):
                 yield {"url": self.urls[i]}
+            if self.progress["blocks"] == blocks_before:
+                raise StreamError(f"a full pass over {len(self.urls)} shard(s) ({self.urls[0]}, ...) yielded no readable sample")
 
 
 def _npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def decode_blocks(samples: Iterator[dict]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Tar samples -> (pairs uint8 (K,2,P,P), labels uint8 (K,), ids int64 (K,2)) blocks."""
+def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pairs, labels, ids = _npy(sample["pairs.npy"]), _npy(sample["labels.npy"]), _npy(sample["ids.npy"])
+    k = len(pairs)
+    if pairs.dtype != np.uint8 or pairs.ndim != 4 or pairs.shape[1] != 2 or labels.shape != (k,) or ids.shape != (k, 2):
+        raise ValueError(
+            f"sample {sample.get('__key__')!r}: expected pairs uint8 (K,2,P,P), labels (K,), ids (K,2), "
+            f"got {pairs.dtype} {pairs.shape}, {labels.shape}, {ids.shape}"
+        )
+    return pairs, labels, ids
+
+
+def decode_blocks(
+    samples: Iterator[dict], on_error: SkipCounter | None = None, progress: dict | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Tar samples -> (pairs uint8 (K,2,P,P), labels uint8 (K,), ids int64 (K,2)) blocks;
+    an undecodable sample goes to ``on_error`` (skipped) or raises when there is none."""
     for sample in samples:
-        yield _npy(sample["pairs.npy"]), _npy(sample["labels.npy"]), _npy(sample["ids.npy"])
+        try:
+            block = _decode(sample)
+        except Exception as exn:
+            if on_error is None:
+                raise
+            exn.args = exn.args + (str(sample.get("__url__", "?")),)
+            on_error(exn)
+            continue
+        if progress is not None:
+            progress["blocks"] += 1
+        yield block
 
 
-def _shuffled_batches(blocks: Iterator, batch_size: int, buffer_pairs: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Pair-level shuffle buffer done on whole arrays (no per-pair Python work)."""
+def _shuffled_batches(
+    blocks: Iterator, batch_size: int, buffer_pairs: int, rng: np.random.Generator, skips: SkipCounter
+) -> Iterator[dict]:
+    """Pair-level shuffle buffer done on whole arrays (no per-pair Python work). Each batch also
+    carries how many samples were skipped since the previous one (works across loader processes)."""
     pending: list[tuple[np.ndarray, np.ndarray]] = []
-    held = 0
+    held = reported = 0
     for pairs, _labels, ids in blocks:
         pending.append((pairs, ids))
         held += len(pairs)
@@ -80,7 +132,8 @@ def _shuffled_batches(blocks: Iterator, batch_size: int, buffer_pairs: int, rng:
         n_out = (len(order) - buffer_pairs) // batch_size * batch_size
         for start in range(0, n_out, batch_size):
             idx = order[start : start + batch_size]
-            yield {"pairs": torch.from_numpy(pairs_all[idx]), "ids": torch.from_numpy(ids_all[idx])}
+            skipped, reported = skips.count - reported, skips.count
+            yield {"pairs": torch.from_numpy(pairs_all[idx]), "ids": torch.from_numpy(ids_all[idx]), "skipped": skipped}
         keep = order[n_out:]
         pending, held = [(pairs_all[keep], ids_all[keep])], len(keep)
 
@@ -111,12 +164,13 @@ class TrainStream(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
         seed = (self.seed, self.epoch, self.rank, worker)
+        skips, progress = SkipCounter(), {"blocks": 0}
         pipeline = wds.DataPipeline(
-            _ShardCycle(self.rank_urls, seed),
+            _ShardCycle(self.rank_urls, seed, progress),
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            decode_blocks,
-            lambda blocks: _shuffled_batches(blocks, self.batch_size, self.shuffle_buffer, np.random.default_rng(seed)),
+            wds.tarfile_to_samples(handler=skips),
+            lambda samples: decode_blocks(samples, skips, progress),
+            lambda blocks: _shuffled_batches(blocks, self.batch_size, self.shuffle_buffer, np.random.default_rng(seed), skips),
         )
         for i, batch in enumerate(pipeline):
             if i == n_batches:
@@ -133,10 +187,11 @@ def train_loader(urls: list[str], *, loader_workers: int = 0, **stream_kwargs) -
 
 def load_pairs(urls: list[str], limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a whole (eval) split in shard order: pairs uint8 (N,2,P,P), labels (N,), ids (N,2)."""
+    skips = SkipCounter()
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        decode_blocks,
+        wds.tarfile_to_samples(handler=skips),
+        lambda samples: decode_blocks(samples, skips),
     )
     pairs, labels, ids, n = [], [], [], 0
     for p, l, i in dataset:
