@@ -80,8 +80,24 @@ class _ShardCycle(IterableDataset):
                 raise StreamError(f"a full pass over {len(self.urls)} shard(s) ({self.urls[0]}, ...) yielded no readable sample")
 
 
+_HEADER_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}
+
+
 def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """.npy bytes -> array without a copy. ``np.load`` parses the header with ``ast`` and copies
+    the payload every time; headers repeat (same dtype/shape per block), so parse each one once."""
+    if data[:6] != b"\x93NUMPY" or data[6] != 1:  # not a v1.0 header: let numpy handle (or reject) it
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    header_len = int.from_bytes(data[8:10], "little")
+    header = data[10 : 10 + header_len]
+    parsed = _HEADER_CACHE.get(header)
+    if parsed is None:
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(data[8 : 10 + header_len]))
+        if fortran or dtype.hasobject:
+            raise ValueError("expected a C-ordered numeric .npy array")
+        parsed = _HEADER_CACHE[header] = (dtype, shape)
+    dtype, shape = parsed
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=10 + header_len).reshape(shape)
 
 
 def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,25 +133,41 @@ def decode_blocks(
 def _shuffled_batches(
     blocks: Iterator, batch_size: int, buffer_pairs: int, rng: np.random.Generator, skips: SkipCounter
 ) -> Iterator[dict]:
-    """Pair-level shuffle buffer done on whole arrays (no per-pair Python work). Each batch also
-    carries how many samples were skipped since the previous one (works across loader processes)."""
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
-    held = reported = 0
+    """Pair-level shuffle buffer, vectorised per block: each incoming pair takes the slot of a
+    random buffered pair, which goes out into the batch being filled. Every pair is copied twice
+    (into the buffer, into its batch) whatever the buffer size. Each batch also carries how many
+    samples were skipped since the previous one (this works across loader processes)."""
+    buffer = buffer_ids = batch = batch_ids = None
+    held = filled = reported = 0
     for pairs, _labels, ids in blocks:
-        pending.append((pairs, ids))
-        held += len(pairs)
-        if held < buffer_pairs + batch_size:
-            continue
-        pairs_all = np.concatenate([p for p, _ in pending])
-        ids_all = np.concatenate([i for _, i in pending])
-        order = rng.permutation(len(pairs_all))
-        n_out = (len(order) - buffer_pairs) // batch_size * batch_size
-        for start in range(0, n_out, batch_size):
-            idx = order[start : start + batch_size]
-            skipped, reported = skips.count - reported, skips.count
-            yield {"pairs": torch.from_numpy(pairs_all[idx]), "ids": torch.from_numpy(ids_all[idx]), "skipped": skipped}
-        keep = order[n_out:]
-        pending, held = [(pairs_all[keep], ids_all[keep])], len(keep)
+        if buffer is None:
+            buffer = np.empty((buffer_pairs, *pairs.shape[1:]), np.uint8)
+            buffer_ids = np.empty((buffer_pairs, 2), np.int64)
+        take = min(len(pairs), buffer_pairs - held)  # warm-up: fill the buffer first
+        buffer[held : held + take], buffer_ids[held : held + take] = pairs[:take], ids[:take]
+        held += take
+        pairs, ids = pairs[take:], ids[take:]
+        while len(pairs):
+            if batch is None:
+                batch = np.empty((batch_size, *pairs.shape[1:]), np.uint8)
+                batch_ids = np.empty((batch_size, 2), np.int64)
+            n = min(len(pairs), batch_size - filled)
+            if 0 < n <= held:
+                slots = rng.permutation(held)[:n]  # distinct slots: no pair is emitted twice or lost
+                batch[filled : filled + n], batch_ids[filled : filled + n] = buffer[slots], buffer_ids[slots]
+                buffer[slots], buffer_ids[slots] = pairs[:n], ids[:n]
+            elif held:  # buffer smaller than the chunk: pass the chunk through in random order
+                order = rng.permutation(n)
+                batch[filled : filled + n], batch_ids[filled : filled + n] = pairs[:n][order], ids[:n][order]
+            else:  # shuffle_buffer = 0: keep the stream's order
+                batch[filled : filled + n], batch_ids[filled : filled + n] = pairs[:n], ids[:n]
+            filled += n
+            pairs, ids = pairs[n:], ids[n:]
+            if filled == batch_size:
+                skipped, reported = skips.count - reported, skips.count
+                yield {"pairs": torch.from_numpy(batch), "ids": torch.from_numpy(batch_ids), "skipped": skipped}
+                batch = batch_ids = None
+                filled = 0
 
 
 class TrainStream(IterableDataset):
