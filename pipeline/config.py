@@ -53,6 +53,8 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     augment: bool = Field(True, description="HardNet's joint random flip/rotate of both patches")
+    augment_rotation_deg: float = Field(0.0, ge=0.0, le=45.0, description="independent small rotation of each patch")
+    augment_scale: float = Field(0.0, ge=0.0, lt=0.5, description="independent zoom of each patch by up to this fraction")
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (None = CPUs per worker)")
 

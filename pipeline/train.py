@@ -25,6 +25,7 @@ import torch.distributed as dist
 from pipeline.config import Config
 from pipeline.data.shards import ShardError, load_manifest, shard_paths
 from pipeline.data.stream import check_shard_count, load_pairs, train_loader
+from pipeline.augment import fliprot, make_jitter
 from pipeline.device import plan_for
 from pipeline.evaluate import evaluate_pairs
 from pipeline.losses import hardest_in_batch_triplet_loss
@@ -35,17 +36,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 METRIC = "eval_fpr95"  # lower is better
-
-
-def fliprot(pairs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """HardNet's augmentation: one random transpose + flip per pair, applied to both patches
-    (the pair must stay a pair). ``pairs``: (B, 2, P, P)."""
-    transpose = torch.rand(len(pairs), generator=generator) < 0.5
-    flip = torch.rand(len(pairs), generator=generator) < 0.5
-    out = pairs.clone()
-    out[transpose] = out[transpose].transpose(-1, -2)
-    out[flip] = out[flip].flip(-1)
-    return out
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
@@ -115,6 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         eval_pairs, eval_labels, _ = load_pairs(urls["eval"], cfg.data.eval_pairs)
     augment_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    jitter = make_jitter(cfg.train.augment_rotation_deg, cfg.train.augment_scale)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         augment_rng.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
@@ -138,6 +129,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 pairs = fliprot(pairs, augment_rng)
             b, _, p, _ = pairs.shape
             x = plan.prepare_batch(pairs.reshape(b * 2, 1, p, p))  # a0, p0, a1, p1, ...
+            if jitter is not None:
+                x = jitter(x)
             lr = cfg.train.lr * (1.0 - step / total_steps)  # HardNet: linear decay to 0
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.data.shards import PairBlock, shard_paths, write_manifest, write_split
 from pipeline.data.stream import StreamError, TrainStream, check_shard_count, load_pairs, train_loader
-from pipeline.train import fliprot
+from pipeline.augment import fliprot, make_jitter
 
 PAIRS_PER_BLOCK, BLOCKS_PER_SHARD, N_SHARDS = 16, 2, 6
 
@@ -113,3 +113,15 @@ def test_shuffle_buffer_neither_loses_nor_repeats_pairs(shard_dir, shuffle_buffe
     if shuffle_buffer + 48 <= 64:  # everything emitted and buffered still comes from the first pass
         assert len(set(ids)) == 48
     assert ids != sorted(ids)
+
+
+def test_jitter_rotates_each_patch_slightly_and_keeps_the_batch_shape():
+    assert make_jitter(0, 0) is None
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 32, 32)
+    y = make_jitter(10, 0.1)(x)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    # small transforms: each patch stays far closer to its own source than to another patch
+    own = (y - x).flatten(1).norm(dim=1)
+    other = (y - x.roll(1, 0)).flatten(1).norm(dim=1)
+    assert (own < other).all()
