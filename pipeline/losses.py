@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -39,3 +41,128 @@ def hardest_in_batch_triplet_loss(
     if anchor_swap:
         min_neg = torch.minimum(min_neg, neg.min(dim=0).values)
     return torch.clamp(margin + pos - min_neg, min=0.0).mean()
+
+
+def _row_l2(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Row-wise Euclidean distance, with ``pairwise_l2``'s ``eps`` so the two losses agree."""
+    return torch.sqrt(((a - b) ** 2).sum(1) + eps)
+
+
+def _check_pairs(anchor: torch.Tensor, positive: torch.Tensor) -> None:
+    if anchor.shape != positive.shape or anchor.ndim != 2:
+        raise ValueError(f"anchor and positive must be (B, D) of equal shape, got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+    if anchor.shape[0] < 2:
+        raise ValueError("in-batch negatives need a batch of at least 2 pairs")
+
+
+def random_other_index(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each i in [0, n), an index j != i drawn uniformly from the n - 1 others (CPU LongTensor)."""
+    if n < 2:
+        raise ValueError(f"need at least 2 items to pick another one, got {n}")
+    return (torch.arange(n) + torch.randint(1, n, (n,), generator=generator)) % n
+
+
+def in_batch_negatives(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniformly random derangement pi of [0, n) (CPU LongTensor): ``(a_i, p_pi(i))`` are non-matching
+    pairs made from a batch of n matching pairs, each positive used exactly once.
+
+    Rejection sampling of random permutations: a permutation is a derangement with probability ~1/e,
+    so this takes e tries on average, each O(n).
+    """
+    if n < 2:
+        raise ValueError(f"a derangement needs n >= 2, got {n}")
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == torch.arange(n)).any()):
+            return perm
+
+
+def triplet_random_negative_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    margin: float = 1.0,
+    generator: torch.Generator | None = None,
+    anchor_swap: bool = False,
+) -> torch.Tensor:
+    """Triplet margin loss with a random in-batch negative (TFeat, and L2-Net here).
+
+    For pair i the negative is ``positive[j]`` for a uniformly random j != i (``random_other_index``).
+    Loss = mean_i max(0, margin + d(a_i, p_i) - d(a_i, n_i)); with ``anchor_swap`` (TFeat's variant)
+    the negative distance is min(d(a_i, n_i), d(p_i, n_i)).
+    """
+    _check_pairs(anchor, positive)
+    negative = positive[random_other_index(len(anchor), generator).to(positive.device)]
+    d_neg = _row_l2(anchor, negative)
+    if anchor_swap:
+        d_neg = torch.minimum(d_neg, _row_l2(positive, negative))
+    return torch.clamp(margin + _row_l2(anchor, positive) - d_neg, min=0.0).mean()
+
+
+def contrastive_loss(d1: torch.Tensor, d2: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Contrastive loss (Hadsell, Chopra, LeCun 2006) on descriptor pairs ``(d1[i], d2[i])``.
+
+    With d the Euclidean distance: label 1 (similar) costs d^2 / 2, label 0 (dissimilar) costs
+    max(0, margin - d)^2 / 2; mean over pairs. Works on raw (unnormalised) descriptors.
+    """
+    if d1.shape != d2.shape or d1.ndim != 2 or labels.shape != (d1.shape[0],):
+        raise ValueError(f"expected (B, D), (B, D), (B,), got {tuple(d1.shape)}, {tuple(d2.shape)}, {tuple(labels.shape)}")
+    sq = ((d1 - d2) ** 2).sum(1)
+    # The similar term uses d^2 directly (no sqrt); the tiny eps keeps sqrt's gradient finite at d = 0.
+    d = torch.sqrt(sq + 1e-12)
+    y = labels.to(sq.dtype)
+    return (0.5 * y * sq + 0.5 * (1.0 - y) * torch.clamp(margin - d, min=0.0) ** 2).mean()
+
+
+def softmax_pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MatchNet's loss: cross-entropy of (B, 2) match logits (column 1 = match) against 0/1 labels."""
+    if logits.ndim != 2 or logits.shape[1] != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits (B, 2) and labels (B,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return torch.nn.functional.cross_entropy(logits, labels.long())
+
+
+# Raw losses by name. Inputs differ by family: the triplet losses take (anchor, positive) descriptors
+# of matching pairs, ``contrastive`` takes labelled descriptor pairs, ``softmax_ce`` labelled logits.
+# ``batch_loss`` below turns a batch of matching pairs into any of them.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "hardest_triplet": hardest_in_batch_triplet_loss,
+    "triplet_random": triplet_random_negative_loss,
+    "contrastive": contrastive_loss,
+    "softmax_ce": softmax_pair_loss,
+}
+
+
+def batch_loss(
+    name: str,
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    *,
+    margin: float = 1.0,
+    anchor_swap: bool = True,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Loss ``name`` of a batch of B matching pairs, given their descriptors ``anchor``/``positive`` (B, D)
+    (for a pair classifier: its per-patch features, and ``score`` = the model's ``score``).
+
+    - ``hardest_triplet``: HardNet's loss (``anchor_swap`` applies).
+    - ``triplet_random``: one random in-batch negative per pair (``anchor_swap`` is not used: TFeat's
+      swap is opt-in via ``triplet_random_negative_loss``).
+    - ``contrastive`` / ``softmax_ce``: the B matching pairs plus B non-matching pairs
+      ``(a_i, p_pi(i))`` with pi = ``in_batch_negatives`` (balanced, as MatchNet's sampler).
+    """
+    if name not in LOSSES:
+        raise KeyError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    _check_pairs(anchor, positive)
+    if name == "hardest_triplet":
+        return hardest_in_batch_triplet_loss(anchor, positive, margin=margin, anchor_swap=anchor_swap)
+    if name == "triplet_random":
+        return triplet_random_negative_loss(anchor, positive, margin=margin, generator=generator)
+    b = len(anchor)
+    perm = in_batch_negatives(b, generator).to(anchor.device)
+    left, right = torch.cat([anchor, anchor]), torch.cat([positive, positive[perm]])
+    labels = torch.cat([torch.ones(b, device=anchor.device), torch.zeros(b, device=anchor.device)])
+    if name == "contrastive":
+        return contrastive_loss(left, right, labels, margin=margin)
+    if score is None:
+        raise ValueError("softmax_ce needs the pair classifier's score(f1, f2)")
+    return softmax_pair_loss(score(left, right), labels)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -66,37 +67,53 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class RunLogger:
-    """Logs to one MLflow run by id; tracking failures are warned about, never raised."""
+    """Logs to one MLflow run by id; tracking failures are warned about, never raised.
 
-    def __init__(self, tracking_uri: str, run_id: str | None) -> None:
+    While the server is unreachable, metric batches queue in memory and calls are not retried for
+    ``cooldown_s`` (a dead server must not stall every epoch on HTTP retries); the next successful
+    call sends the backlog, so the run catches up with no gap.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str | None, cooldown_s: float = 60.0) -> None:
+        # Fail fast inside training processes: MLflow's default retries back off for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
-        self._warned = False
+        self.cooldown_s = cooldown_s
+        self._backlog: list[dict] = []
+        self._down_since: float | None = None
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+    def _send(self, **batch) -> None:
         if self.run_id is None:
             return
+        self._backlog.append(batch)
+        if self._down_since is not None and time.monotonic() - self._down_since < self.cooldown_s:
+            return
         try:
-            fn(*args, **kwargs)
+            while self._backlog:
+                self.client.log_batch(self.run_id, **self._backlog[0])
+                self._backlog.pop(0)
         except Exception as e:  # tracking must never crash training
-            if not self._warned:
-                log.warning("MLflow %s failed for run %s (training continues): %s", what, self.run_id, e)
-                self._warned = True
+            if self._down_since is None:
+                log.warning("MLflow logging to run %s failed; training continues and %d batch(es) are queued "
+                            "until the server answers: %s", self.run_id, len(self._backlog), e)
+            self._down_since = time.monotonic()
+            return
+        if self._down_since is not None:
+            log.warning("MLflow reachable again: run %s caught up", self.run_id)
+            self._down_since = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._backlog)
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self._guard("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
+        self._send(metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))])
 
     def params(self, params: dict[str, Any]) -> None:
-        flat = flatten(params)
-        from mlflow.entities import Param
-
-        self._guard("log_params", self.client.log_batch, self.run_id, params=[Param(k, v[:6000]) for k, v in flat.items()])
+        self._send(params=[Param(k, v[:6000]) for k, v in flatten(params).items()])
 
     def tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._guard("set_tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send(tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -108,7 +108,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     jitter = make_jitter(cfg.train.augment_rotation_deg, cfg.train.augment_scale)
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        augment_rng.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
+        # Every random stream restarts per (seed, epoch, rank): an epoch re-run after a restart from
+        # the previous epoch's checkpoint draws the same data order, augmentations and dropout masks.
+        epoch_seed = cfg.train.seed * 1_000_003 + epoch * 1009 + rank
+        augment_rng.manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
         loader = train_loader(
             train_urls,
             loader_workers=cfg.data.loader_workers,
@@ -141,6 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            _maybe_fail(loop_config.get("fail_once"), rank=rank, epoch=epoch, step=step)
             optimizer.step()
             step += 1
             loss_sum += loss.item()
@@ -174,6 +179,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+def _maybe_fail(spec: dict | None, *, rank: int, epoch: int, step: int) -> None:
+    """Fault injection for the fault-tolerance tests: raise once at (rank, step), remembered in a
+    marker file so the restarted worker goes on."""
+    if spec and rank == spec["rank"] and step == spec["step"] and not Path(spec["marker"]).exists():
+        Path(spec["marker"]).write_text(f"failed at epoch {epoch} step {step}")
+        raise RuntimeError(f"injected failure on rank {rank} at step {step}")
 
 
 def preflight(cfg: Config) -> dict[str, list[str]]:

@@ -48,3 +48,111 @@ def test_gradient_pulls_positives_together():
     with torch.no_grad():
         after = (a - 0.1 * a.grad - p).norm(dim=1).mean().item()
     assert after < before
+
+
+# ---- the other losses, each against its formula computed pair by pair in plain Python ----------
+
+import pytest  # noqa: E402
+
+from pipeline.losses import (  # noqa: E402
+    LOSSES,
+    batch_loss,
+    contrastive_loss,
+    in_batch_negatives,
+    random_other_index,
+    softmax_pair_loss,
+    triplet_random_negative_loss,
+)
+
+
+def _dist(x, y, eps=0.0):
+    return math.sqrt(sum((float(u) - float(v)) ** 2 for u, v in zip(x, y)) + eps)
+
+
+def test_random_other_index_never_picks_itself_and_covers_the_others():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5, 5)
+    for _ in range(400):
+        j = random_other_index(5, g)
+        assert (j != torch.arange(5)).all()
+        counts[torch.arange(5), j] += 1
+    off = counts[~torch.eye(5, dtype=torch.bool)]
+    assert off.min() > 60  # ~100 expected each: every other pair is drawn
+
+
+def test_triplet_random_negative_matches_definition():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=g)
+    p = a + 0.5 * torch.randn(7, 5, generator=g)
+    for margin in (0.5, 1.0, 3.0):
+        for swap in (False, True):
+            got = triplet_random_negative_loss(a, p, margin, generator=torch.Generator().manual_seed(3), anchor_swap=swap).item()
+            j = random_other_index(7, torch.Generator().manual_seed(3))  # the same draw
+            total = 0.0
+            for i in range(7):
+                d_neg = _dist(a[i], p[j[i]], 1e-6)
+                if swap:
+                    d_neg = min(d_neg, _dist(p[i], p[j[i]], 1e-6))
+                total += max(0.0, margin + _dist(a[i], p[i], 1e-6) - d_neg)
+            assert math.isclose(got, total / 7, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_contrastive_matches_hadsell_chopra_lecun():
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)
+    labels = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0, 1, 0])
+    for margin in (0.5, 2.0, 4.0):
+        expected = 0.0
+        for i in range(10):
+            d = _dist(x1[i], x2[i])
+            expected += 0.5 * d * d if labels[i] == 1 else 0.5 * max(0.0, margin - d) ** 2
+        got = contrastive_loss(x1, x2, labels, margin).item()
+        assert math.isclose(got, expected / 10, rel_tol=1e-5)
+
+
+def test_contrastive_gradient_is_finite_at_zero_distance():
+    x = torch.randn(3, 4, requires_grad=True)
+    contrastive_loss(x, x.detach().clone(), torch.tensor([1, 0, 0]), 1.0).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_softmax_pair_loss_is_cross_entropy():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.3], [-1.0, 1.5]])
+    labels = torch.tensor([0, 1, 1])
+    expected = sum(-math.log(math.exp(l[y]) / (math.exp(l[0]) + math.exp(l[1]))) for l, y in zip(logits.tolist(), labels.tolist())) / 3
+    assert math.isclose(softmax_pair_loss(logits, labels).item(), expected, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 257])
+def test_in_batch_negatives_is_a_derangement(n):
+    g = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        perm = in_batch_negatives(n, g)
+        assert sorted(perm.tolist()) == list(range(n))
+        assert all(perm[i] != i for i in range(n))
+
+
+def test_in_batch_negatives_is_uniform_over_derangements_of_3():
+    g = torch.Generator().manual_seed(0)
+    seen: dict[tuple, int] = {}
+    for _ in range(600):
+        key = tuple(in_batch_negatives(3, g).tolist())
+        seen[key] = seen.get(key, 0) + 1
+    assert set(seen) == {(1, 2, 0), (2, 0, 1)} and min(seen.values()) > 240
+
+
+def test_batch_loss_builds_balanced_pairs():
+    g = torch.Generator().manual_seed(2)
+    a, p = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    perm = in_batch_negatives(6, torch.Generator().manual_seed(5))
+    labels = torch.cat([torch.ones(6), torch.zeros(6)])
+    left, right = torch.cat([a, a]), torch.cat([p, p[perm]])
+    got = batch_loss("contrastive", a, p, margin=2.0, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, contrastive_loss(left, right, labels, 2.0))
+    score = lambda f1, f2: torch.stack([(f1 * f2).sum(1), -(f1 * f2).sum(1)], dim=1)  # noqa: E731
+    got = batch_loss("softmax_ce", a, p, score=score, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, softmax_pair_loss(score(left, right), labels))
+    torch.testing.assert_close(batch_loss("hardest_triplet", a, p, margin=0.7), hardest_in_batch_triplet_loss(a, p, margin=0.7))
+    with pytest.raises(KeyError, match="hardest_triplet"):
+        batch_loss("nope", a, p)
+    assert set(LOSSES) == {"hardest_triplet", "triplet_random", "contrastive", "softmax_ce"}

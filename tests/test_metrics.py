@@ -67,3 +67,155 @@ def test_hand_computed_case():
 def test_rejects_missing_class():
     with pytest.raises(ValueError, match="positives and negatives"):
         fpr_at_95_recall(np.ones(4), np.ones(4))
+
+
+# ---- ROC AUC and AP against scikit-learn and brute force ---------------------------------------
+
+import itertools  # noqa: E402
+
+from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
+
+from pipeline.metrics import (  # noqa: E402
+    average_precision,
+    hpatches_ap,
+    hpatches_matching_map,
+    hpatches_retrieval_map,
+    hpatches_verification_map,
+    roc_auc,
+)
+
+
+def _tied_sample(seed, n=None):
+    rng = np.random.default_rng(seed)
+    n = n or int(rng.integers(10, 400))
+    labels = rng.integers(0, 2, n)
+    labels[:2] = [0, 1]
+    d = rng.integers(0, 8, n).astype(float) - 1.5 * labels * rng.random(n).round(1)  # many ties
+    return d, labels
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_roc_auc_and_ap_agree_with_sklearn_with_ties(seed):
+    d, labels = _tied_sample(seed)
+    assert roc_auc(d, labels) == pytest.approx(roc_auc_score(labels, -d), abs=1e-12)
+    assert average_precision(d, labels) == pytest.approx(average_precision_score(labels, -d), abs=1e-12)
+
+
+def test_roc_auc_brute_force_pairs():
+    d, labels = _tied_sample(99, 60)
+    pos, neg = d[labels == 1], d[labels == 0]
+    wins = sum(1.0 if p < q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
+    assert roc_auc(d, labels) == pytest.approx(wins / (len(pos) * len(neg)))
+
+
+def test_auc_ap_hand_computed():
+    # distances 1, 2, 3, 4 with labels 1, 0, 1, 0: AUC = P(d_pos < d_neg) = (2 + 1) / 4
+    d, labels = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1, 0, 1, 0])
+    assert roc_auc(d, labels) == pytest.approx(0.75)
+    assert average_precision(d, labels) == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+    # a tie between a positive and a negative: both enter together at precision 1/2
+    assert average_precision(np.array([1.0, 1.0]), np.array([1, 0])) == pytest.approx(0.5)
+    assert roc_auc(np.array([1.0, 1.0]), np.array([1, 0])) == pytest.approx(0.5)
+
+
+def test_vectorised_on_a_million_pairs():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 1_000_000)
+    d = rng.random(1_000_000) + 0.3 * (1 - labels)
+    for f in (roc_auc, average_precision, hpatches_verification_map, fpr_at_95_recall):
+        assert 0.0 < f(d, labels) <= 1.0
+
+
+# ---- HPatches, against a loop-by-loop reading of hpatches-benchmark's python/utils ---------------
+
+
+def reference_pr_ap(scores, labels, numpos=None):
+    """hpatches-benchmark ``metrics.pr(scores, labels, numpos)[2]``, written out as loops: stable sort by
+    descending score, precision/recall after each item, start at (0, 1), trapezoid rule."""
+    p = int(sum(labels)) if numpos is None else numpos
+    items = sorted(((s, l) for s, l in zip(scores, labels) if s > -np.inf), key=lambda t: -t[0])  # sorted() is stable
+    tp = fp = 0
+    prev_r, prev_p, area = 0.0, 1.0, 0.0
+    for _, l in items:
+        tp, fp = tp + (l == 1), fp + (l == 0)
+        r, pr = tp / max(p, 1e-10), max(tp, 1e-10) / max(tp + fp, 1e-10)
+        area += (r - prev_r) * (pr + prev_p) / 2.0
+        prev_r, prev_p = r, pr
+    return area
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_hpatches_ap_matches_reference(seed):
+    d, labels = _tied_sample(200 + seed, 150)
+    assert hpatches_ap(d, labels) == pytest.approx(reference_pr_ap(-d, labels))
+    assert hpatches_ap(d, labels, numpos=int(labels.sum()) + 7) == pytest.approx(reference_pr_ap(-d, labels, int(labels.sum()) + 7))
+    assert hpatches_verification_map(d, labels) == pytest.approx(reference_pr_ap(-d, labels))
+
+
+def test_hpatches_ap_hand_computed():
+    # ranked: pos, neg, pos. points (0,1) (1/2,1) (1/2,1/2) (1,2/3): area = 1/2 + 0 + 1/2 * (1/2 + 2/3) / 2
+    d, labels = np.array([1.0, 2.0, 3.0]), np.array([1, 0, 1])
+    assert hpatches_ap(d, labels) == pytest.approx(0.5 + 0.5 * (0.5 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hpatches_matching_matches_reference(seed):
+    rng = np.random.default_rng(300 + seed)
+    ref = rng.normal(size=(60, 8))
+    tgt = ref + rng.normal(scale=0.6, size=ref.shape)
+    # eval_matching: D = cdist(ref, tgt); idx = argmin(D, 1); labels = idx == arange; AP of -D[gt, idx], numpos = N
+    D = np.sqrt(((ref[:, None, :] - tgt[None, :, :]) ** 2).sum(-1))
+    idx = D.argmin(axis=1)
+    labels = idx == np.arange(60)
+    assert 0 < labels.sum() < 60
+    expected = reference_pr_ap(-D[np.arange(60), idx], labels, numpos=60)
+    assert hpatches_matching_map(ref, tgt) == pytest.approx(expected)
+    assert hpatches_matching_map(ref, tgt, chunk=7) == pytest.approx(expected)
+
+
+def reference_retrieval(queries, pool, positives, q_groups, p_groups, pool_size):
+    """eval_retrieval for one type: per query, [its positives] + [pool items of other groups, in pool
+    order], first ``pool_size`` of them, AP of -distance; mean over queries."""
+    aps = []
+    for i, q in enumerate(queries):
+        pos = list(positives[i])
+        d_list = [np.linalg.norm(q - pool[j]) for j in pos]
+        d_list += [np.linalg.norm(q - pool[j]) for j in range(len(pool)) if j not in pos and p_groups[j] != q_groups[i]]
+        gt = [1] * len(pos) + [0] * (len(d_list) - len(pos))
+        k = len(d_list) if pool_size is None else pool_size
+        aps.append(reference_pr_ap(-np.array(d_list[:k]), gt[:k]))
+    return float(np.mean(aps))
+
+
+@pytest.mark.parametrize("pool_size", [None, 3, 12, 40])
+def test_hpatches_retrieval_matches_reference(pool_size):
+    rng = np.random.default_rng(7)
+    n_q, k, n_pool, dim = 9, 5, 70, 6
+    queries = rng.normal(size=(n_q, dim))
+    pool = rng.normal(size=(n_pool, dim))
+    positives = np.stack([rng.choice(n_pool, k, replace=False) for _ in range(n_q)])
+    for i in range(n_q):  # positives close to their query, at varying noise
+        pool[positives[i]] = queries[i] + rng.normal(scale=rng.uniform(0.3, 1.5), size=(k, dim))
+    pool[positives[0, 1]] = pool[positives[0, 0]]  # a tie between two positives
+    q_groups, p_groups = rng.integers(0, 4, n_q), rng.integers(0, 4, n_pool)
+    expected = reference_retrieval(queries, pool, positives, q_groups, p_groups, pool_size)
+    assert hpatches_retrieval_map(queries, pool, positives, q_groups, p_groups, pool_size) == pytest.approx(expected)
+    assert hpatches_retrieval_map(queries, pool, positives, q_groups, p_groups, pool_size, chunk_elems=1) == pytest.approx(expected)
+    no_groups = reference_retrieval(queries, pool, positives, np.zeros(n_q), np.ones(n_pool), pool_size)
+    assert hpatches_retrieval_map(queries, pool, positives, pool_size=pool_size) == pytest.approx(no_groups)
+
+
+def test_hpatches_retrieval_ties_favour_positives():
+    # The benchmark lists positives before distractors and sorts stably: a distractor at the same
+    # distance as a positive ranks after it.
+    query = np.zeros((1, 2))
+    pool = np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0]])  # distractor at 1, positive at 1, distractor at 3
+    assert hpatches_retrieval_map(query, pool, np.array([[1]])) == pytest.approx(1.0)
+    assert hpatches_retrieval_map(query, pool, np.array([[2]])) == pytest.approx(reference_pr_ap(-np.array([3.0, 1.0, 1.0]), [1, 0, 0]))
+
+
+def test_hpatches_retrieval_perfect():
+    queries = np.eye(4)
+    pool = np.concatenate([np.repeat(queries, 2, axis=0), -np.eye(4) * 5])  # 2 exact positives each, far distractors
+    positives = np.arange(8).reshape(4, 2)
+    assert hpatches_retrieval_map(queries, pool, positives) == pytest.approx(1.0)

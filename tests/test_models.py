@@ -1,39 +1,275 @@
-"""Our towers against kornia's reference implementations, given the same weights."""
+"""The model zoo: our towers against kornia's reference implementations given the same weights, and
+registry-driven checks that every architecture keeps the conventions the training loop relies on."""
+
+import copy
+import functools
+import io
 
 import kornia.feature
 import pytest
 import torch
 
-from pipeline.models import create_model, list_models
+from pipeline.losses import LOSSES, batch_loss
+from pipeline.models import DEFAULT_LOSS, create_model, list_models
+from pipeline.pca import fit_pca
+
+KINDS = {"embedding", "pair_classifier"}
 
 
-def test_hardnet_matches_kornia_given_same_weights():
+@functools.cache
+def _template(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    ours = create_model("hardnet")
-    # Move the BatchNorm running stats away from their init so the comparison covers them too.
-    ours.train()
+    return create_model(name)
+
+
+def fresh(name: str) -> torch.nn.Module:
+    """A default-configured model in train mode; deep copies of one instance, because orthogonal init
+    of the big layers (MatchNet's 8192x1024 FC, HardNet8's 8x8x256x512 conv) costs ~0.5 s per build."""
+    return copy.deepcopy(_template(name)).train()
+
+
+def _move_bn_stats(model, batches: int = 2, batch: int = 8) -> None:
+    """A few train-mode forwards move BatchNorm running stats away from their init, so comparisons
+    and round trips cover them too."""
+    model.train()
     with torch.no_grad():
-        for _ in range(3):
-            ours(torch.rand(64, 1, 32, 32))
-    ours.eval()
-    ref = kornia.feature.HardNet(pretrained=False)
+        size = getattr(model, "input_size", None) or model.patch_size  # kornia's modules: patch_size
+        for _ in range(batches):
+            model(torch.rand(batch, 1, size, size))
+    model.eval()
+
+
+# ---- kornia equivalence --------------------------------------------------------------------------
+
+KORNIA = {
+    "hardnet": lambda: kornia.feature.HardNet(pretrained=False),
+    "hardnet8": lambda: kornia.feature.HardNet8(pretrained=False),
+    "sosnet": lambda: kornia.feature.SOSNet(pretrained=False),
+    "tfeat": lambda: kornia.feature.TFeat(pretrained=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KORNIA))
+def test_matches_kornia_given_same_weights_both_ways(name):
+    ours = fresh(name)
+    _move_bn_stats(ours)
+    ref = KORNIA[name]()
     ref.load_state_dict(ours.state_dict(), strict=True)
     ref.eval()
-    x = torch.rand(32, 1, 32, 32)
+    x = torch.rand(8, 1, 32, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    # ...and kornia's weights load into ours (fresh random weights on kornia's side this time).
+    torch.manual_seed(1)
+    ref2 = KORNIA[name]()
+    _move_bn_stats(ref2)
+    ours2 = fresh(name)
+    ours2.load_state_dict(ref2.state_dict(), strict=True)
+    ours2.eval()
+    torch.testing.assert_close(ours2(x), ref2(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hardnet8_with_fitted_pca_matches_kornia():
+    ours = fresh("hardnet8")  # pca_dim=128, kornia's
+    _move_bn_stats(ours)
+    with torch.no_grad():
+        components, mean = fit_pca(ours.embed(torch.rand(160, 1, 32, 32)), 128)
+    ours.set_pca(components, mean)
+    ref = kornia.feature.HardNet8(pretrained=False)
+    ref.load_state_dict(ours.state_dict(), strict=True)  # kornia's (512, 128) components layout
+    ref.eval()
+    x = torch.rand(8, 1, 32, 32)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_hardnet8_pca_dim_is_configurable():
+    torch.manual_seed(0)
+    plain = create_model("hardnet8", pca_dim=None)
+    _move_bn_stats(plain)
+    x = torch.rand(8, 1, 32, 32)
+    assert plain(x).shape == (8, 512) and plain.descriptor_dim == 512
+    small = create_model("hardnet8", pca_dim=64)
+    assert small.components.shape == (512, 64) and small.descriptor_dim == 64
+    # Installing a 32-d PCA changes the buffers and the output dimension.
+    with torch.no_grad():
+        components, mean = fit_pca(plain(torch.rand(64, 1, 32, 32)), 32)
+    small.load_state_dict({k: v for k, v in plain.state_dict().items()}, strict=False)
+    small.set_pca(components, mean)
+    small.eval()
+    out = small(x)
+    assert out.shape == (8, 32) and small.descriptor_dim == 32
+    expected = torch.nn.functional.normalize((plain(x) - mean) @ components.t(), dim=1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sift_matches_kornia():
+    ours = fresh("sift").eval()
+    ref = kornia.feature.SIFTDescriptor(patch_size=32, rootsift=True)
+    ref.load_state_dict(ours.sift.state_dict(), strict=True)
+    x = torch.rand(16, 1, 32, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_l2net_is_hardnet_without_dropout():
+    hardnet = fresh("hardnet")
+    _move_bn_stats(hardnet)
+    l2net = fresh("l2net")
+    # HardNet's Dropout sits at features.18, so its final conv/BN are one index later.
+    remap = {k.replace("features.19.", "features.18.").replace("features.20.", "features.19."): v for k, v in hardnet.state_dict().items()}
+    l2net.load_state_dict(remap, strict=True)
+    l2net.eval()
+    x = torch.rand(8, 1, 32, 32)
+    torch.testing.assert_close(l2net(x), hardnet(x), rtol=1e-6, atol=1e-6)
+
+
+def test_matchnet_pair_classifier_api():
+    model = fresh("matchnet").eval()
+    a, b = torch.rand(3, 1, 64, 64), torch.rand(3, 1, 64, 64)
+    fa, fb = model(a), model(b)
+    assert fa.shape == (3, 4096)  # 64 x 8 x 8: Caffe's ceil-mode pooling, the paper's F = 4096
+    logits = model.score(fa, fb)
+    assert logits.shape == (3, 2)
+    p = model.match_probability(fa, fb)
+    torch.testing.assert_close(p, logits.softmax(1)[:, 1])
+    # distance = logit gap: P(match) = sigmoid(-distance), so it ranks pairs as 1 - P(match) does.
+    torch.testing.assert_close(torch.sigmoid(-model.distance(fa, fb)), p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="MatchNet.score"):
+        model.score(fa, fb[:, :10])
+
+
+def test_siamese_input_sizes_and_dim():
+    for size in (32, 64):
+        model = create_model("siamese", input_size=size, descriptor_dim=16).eval()
+        assert model(torch.rand(2, 1, size, size)).shape == (2, 16)
+    with pytest.raises(ValueError, match="32 or 64"):
+        create_model("siamese", input_size=48)
+
+
+# ---- registry-driven conventions ----------------------------------------------------------------
+
+
 @pytest.mark.parametrize("name", list_models())
-def test_shapes_and_unit_norm(name):
-    model = create_model(name).eval()
+def test_conventions_shape_and_norm(name):
+    model = fresh(name).eval()
+    assert isinstance(model.input_size, int) and isinstance(model.descriptor_dim, int)
+    assert model.kind in KINDS and isinstance(model.trainable, bool) and isinstance(model.unit_norm, bool)
+    assert (model.kind == "pair_classifier") == hasattr(model, "score")
+    assert "Shape:" in type(model).__doc__
     x = torch.rand(5, 1, model.input_size, model.input_size)
     out = model(x)
     assert out.shape == (5, model.descriptor_dim)
-    torch.testing.assert_close(out.norm(dim=1), torch.ones(5), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="expects patches of shape"):
-        model(torch.rand(5, 3, model.input_size, model.input_size))
+    if model.unit_norm:
+        torch.testing.assert_close(out.norm(dim=1), torch.ones(5), rtol=1e-4, atol=1e-4)
+    for bad in (torch.rand(5, 3, model.input_size, model.input_size), torch.rand(5, 1, 16, 16), torch.rand(1, 16, 16)):
+        with pytest.raises(ValueError, match="expects patches of shape"):
+            model(bad)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_default_loss_is_known(name):
+    model = _template(name)
+    assert name in DEFAULT_LOSS
+    if model.trainable:
+        assert DEFAULT_LOSS[name] in LOSSES
+        assert (DEFAULT_LOSS[name] == "softmax_ce") == (model.kind == "pair_classifier")
+    else:
+        assert DEFAULT_LOSS[name] is None
+
+
+def _fixed_batch(model, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n matching pairs: random patches and noisy copies of them."""
+    g = torch.Generator().manual_seed(seed)
+    s = model.input_size
+    a = torch.rand(n, 1, s, s, generator=g)
+    p = (a + 0.1 * torch.randn(n, 1, s, s, generator=g)).clamp(0, 1)
+    return a, p
+
+
+def _own_loss(name, model, a, p) -> torch.Tensor:
+    """The model's default loss on a batch; dropout masks and sampled negatives fixed by the seeds."""
+    torch.manual_seed(123)
+    fa, fp = model(a), model(p)
+    score = model.score if model.kind == "pair_classifier" else None
+    return batch_loss(DEFAULT_LOSS[name], fa, fp, margin=1.0, score=score, generator=torch.Generator().manual_seed(7))
+
+
+TRAINABLE = [n for n in list_models() if _template(n).trainable]
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_gradients_reach_every_parameter(name):
+    model = fresh(name)
+    a, p = _fixed_batch(model, 4 if model.input_size > 32 else 8)
+    _own_loss(name, model, a, p).backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is not None, f"{name}: no gradient for {pname}"
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, f"{name}: zero/non-finite gradient for {pname}"
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_a_few_steps_lower_the_models_own_loss(name):
+    model = fresh(name)
+    a, p = _fixed_batch(model, 6 if model.input_size > 32 else 10)
+    # Plain SGD with a small step: a descent method must lower the loss, even MatchNet's, whose
+    # logits start almost input-independent (gain-0.6 orthogonal init without BatchNorm).
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    before = _own_loss(name, model, a, p).item()
+    for _ in range(5):
+        opt.zero_grad()
+        _own_loss(name, model, a, p).backward()
+        opt.step()
+    after = _own_loss(name, model, a, p).item()
+    assert after < before, f"{name}: loss {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_state_dict_round_trip(name):
+    model = fresh(name)
+    _move_bn_stats(model, batches=2, batch=4)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    other = fresh(name)
+    with torch.no_grad():  # make sure the load has something to overwrite
+        for t in other.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.5)
+    other.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    other.eval()
+    x = torch.rand(4, 1, model.input_size, model.input_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), other(x))
 
 
 def test_unknown_model_lists_the_registry():
     with pytest.raises(KeyError, match="hardnet"):
         create_model("nope")
+
+
+# ---- configs/models/<arch>.yaml -------------------------------------------------------------------
+
+CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "models"
+DOMAINS = {"grid", "choice", "uniform", "loguniform"}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_config_matches_the_code(name):
+    import inspect
+
+    import yaml
+
+    from pipeline.models import _REGISTRY
+
+    cfg = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    model_kwargs = dict(cfg["model"])
+    assert model_kwargs.pop("arch") == name
+    params = inspect.signature(_REGISTRY[name]).parameters
+    for key, value in model_kwargs.items():  # the YAML's defaults are the factory's defaults
+        assert key in params and params[key].default == value, f"{name}: model.{key}"
+    assert cfg["loss"]["name"] == DEFAULT_LOSS[name]
+    for key, domain in cfg["search_space"].items():
+        section, _, field = key.partition(".")
+        assert section in {"model", "loss", "train"} and field in cfg[section], f"{name}: {key} has no default"
+        assert len(domain) == 1 and set(domain) <= DOMAINS, f"{name}: {key}"
+    if _template(name).trainable:
+        assert {"lr", "lr_reference_batch", "batch_size", "momentum", "weight_decay"} <= set(cfg["train"])

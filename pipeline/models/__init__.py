@@ -35,3 +35,38 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 # Importing the modules registers their architectures.
 from pipeline.models import hardnet  # noqa: E402,F401
+
+
+# ---- Conventions shared by every registered model -------------------------------------------------
+# Every model class carries: ``input_size`` (S of its (B, 1, S, S) input), ``descriptor_dim`` (D of its
+# (B, D) output), ``kind`` ("embedding": compare outputs by L2 distance; "pair_classifier": outputs are
+# per-patch features that the model's ``score(f1, f2)`` turns into match logits), ``trainable`` and
+# ``unit_norm`` (rows of the output have unit L2 norm).
+
+
+import torch  # noqa: E402
+
+
+def check_patches(patches: torch.Tensor, size: int, name: str) -> None:
+    """Raise the same clear error from every model when the input is not (B, 1, size, size)."""
+    if patches.ndim != 4 or tuple(patches.shape[1:]) != (1, size, size):
+        raise ValueError(f"{name} expects patches of shape (B, 1, {size}, {size}), got {tuple(patches.shape)}")
+
+
+from pipeline.models import hardnet8, l2net, matchnet, siamese, sift, sosnet, tfeat  # noqa: E402,F401
+
+# The loss each architecture is trained with by default (names of ``pipeline.losses.LOSSES``; None =
+# not trained). L2-Net's own loss (relative-distance softmax + compactness + intermediate-map terms) is
+# not reproduced: it trains with the plain triplet margin loss on random in-batch negatives, which
+# also makes it HardNet's ablation (same body, no hard mining). SOSNet's second-order regulariser is
+# not included either: it trains with HardNet's loss.
+DEFAULT_LOSS: dict[str, str | None] = {
+    "hardnet": "hardest_triplet",
+    "hardnet8": "hardest_triplet",
+    "l2net": "triplet_random",
+    "matchnet": "softmax_ce",
+    "siamese": "contrastive",
+    "sift": None,
+    "sosnet": "hardest_triplet",
+    "tfeat": "triplet_random",
+}

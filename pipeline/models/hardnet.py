@@ -33,6 +33,9 @@ class HardNet(nn.Module):
 
     input_size = 32
     descriptor_dim = 128
+    kind = "embedding"
+    trainable = True
+    unit_norm = True
 
     def __init__(self, dropout: float = 0.3) -> None:
         super().__init__()

@@ -1,0 +1,80 @@
+"""PCA fitted here against scikit-learn's PCA, and the projection kept as model buffers."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+
+from pipeline.models import create_model
+from pipeline.pca import PCAProjection, attach_pca, fit_pca
+
+
+def _data(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    # Anisotropic, correlated, off-centre: distinct eigenvalues, a mean that matters.
+    return (rng.normal(size=(n, d)) * np.linspace(3.0, 0.1, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+
+
+@pytest.mark.parametrize("n,d,dim", [(2000, 32, 8), (50, 64, 16), (300, 20, 20)])
+def test_agrees_with_sklearn(n, d, dim):
+    x = _data(n, d)
+    components, mean = fit_pca(x, dim)
+    ref = PCA(n_components=dim, svd_solver="full").fit(x)
+    assert components.shape == (dim, d) and mean.shape == (d,)
+    np.testing.assert_allclose(mean.numpy(), ref.mean_, rtol=1e-5, atol=1e-5)
+    signs = np.sign((components.numpy().astype(np.float64) * ref.components_).sum(1))
+    assert np.all(signs != 0)
+    np.testing.assert_allclose(components.numpy() * signs[:, None], ref.components_, atol=1e-4)
+    # The projection: sklearn's transform, re-normalised row by row.
+    expected = ref.transform(x) * signs
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    got = PCAProjection(components, mean)(torch.from_numpy(x).float()).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    torch.testing.assert_close(fit_pca(torch.from_numpy(x), dim)[0], components)  # tensor input too
+
+
+def test_sign_convention_is_sklearns():
+    x = _data(500, 16, seed=3)
+    components, _ = fit_pca(x, 6)
+    ref = PCA(n_components=6, svd_solver="full").fit(x)
+    np.testing.assert_allclose(components.numpy(), ref.components_, atol=1e-4)
+
+
+def test_rejects_bad_dim():
+    with pytest.raises(ValueError, match="PCA dim"):
+        fit_pca(np.zeros((10, 4)), 5)
+
+
+def test_attach_pca_wraps_a_model_and_round_trips():
+    torch.manual_seed(0)
+    model = create_model("l2net").eval()
+    with torch.no_grad():
+        desc = model(torch.rand(200, 1, 32, 32))
+    components, mean = fit_pca(desc, 24)
+    wrapped = attach_pca(model, components, mean).eval()
+    assert wrapped.descriptor_dim == 24 and wrapped.input_size == 32 and wrapped.kind == "embedding"
+    x = torch.rand(5, 1, 32, 32)
+    with torch.no_grad():
+        out = wrapped(x)
+        torch.testing.assert_close(out, torch.nn.functional.normalize((model(x) - mean) @ components.t(), dim=1))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+    assert {"pca.components", "pca.mean"} <= set(wrapped.state_dict())
+    buf = io.BytesIO()
+    torch.save(wrapped.state_dict(), buf)
+    buf.seek(0)
+    other = attach_pca(create_model("l2net"), torch.zeros(24, 128), torch.zeros(128))
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(other.eval()(x), out)
+
+
+def test_attach_pca_refuses_mismatches():
+    model = create_model("l2net")
+    with pytest.raises(ValueError, match="128-d"):
+        attach_pca(model, torch.zeros(8, 64), torch.zeros(64))
+    classifier = torch.nn.Identity()
+    classifier.kind, classifier.descriptor_dim = "pair_classifier", 64  # MatchNet's kind, without its build cost
+    with pytest.raises(ValueError, match="pair_classifier"):
+        attach_pca(classifier, torch.zeros(8, 64), torch.zeros(64))
