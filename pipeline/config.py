@@ -36,13 +36,43 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    arch: Literal["hardnet"] = "hardnet"
-    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    """``arch`` names a registered model (``pipeline.models.list_models()``); the other keys are
+    its factory's keyword arguments, left out (None) for the factory's default."""
+
+    arch: str = "hardnet"
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    pca_dim: int | None = Field(None, ge=2, description="hardnet8: PCA output dimension, fitted after training")
+    input_size: int | None = Field(None, ge=8)
+    descriptor_dim: int | None = Field(None, ge=2)
+    patch_size: int | None = Field(None, ge=8)
+
+    @model_validator(mode="after")
+    def _known_arch_and_options(self) -> "ModelConfig":
+        import inspect
+
+        from pipeline.models import _REGISTRY, list_models
+
+        if self.arch not in _REGISTRY:
+            raise ValueError(f"arch: expected one of {', '.join(list_models())}, got {self.arch!r}")
+        accepted = set(inspect.signature(_REGISTRY[self.arch]).parameters)
+        for key in self.factory_kwargs():
+            if key not in accepted:
+                raise ValueError(f"{key}: not an option of {self.arch!r} (its options: {', '.join(sorted(accepted)) or 'none'})")
+        return self
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if k != "arch" and v is not None}
 
 
 class LossConfig(_Strict):
+    name: Literal["hardest_triplet", "triplet_random", "contrastive", "softmax_ce"] | None = Field(
+        None, description="None = the architecture's default (pipeline.models.DEFAULT_LOSS)"
+    )
     margin: float = Field(1.0, gt=0.0)
     anchor_swap: bool = True
+    mc_mu: float = Field(0.0, ge=0.0, description="weight of the MC-Loss diversity regulariser (0 = off)")
+    mc_lambda: float = Field(1.0, ge=0.0)
+    mc_xi: int = Field(4, ge=1, description="MC-Loss channels per group of the last conv maps")
 
 
 class TrainConfig(_Strict):
@@ -50,6 +80,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=2, description="pairs per rank per step (hardest-in-batch needs >= 2)")
     batches_per_epoch: int = Field(50, ge=1, description="optimizer steps per epoch, the same on every rank")
     lr: float = Field(0.1, gt=0.0)
+    lr_reference_batch: int | None = Field(None, ge=1, description="lr is for this batch size; scaled linearly to batch_size")
+    lr_schedule: Literal["linear_to_zero", "constant"] = "linear_to_zero"
+    optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     augment: bool = Field(True, description="HardNet's joint random flip/rotate of both patches")
@@ -213,6 +246,32 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return cfg.with_updates({"data.shards": resolve(cfg.data.shards), "run.storage_path": resolve(cfg.run.storage_path)})
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _with_base(raw: dict, path: Path, source: str) -> dict:
+    """``base: ../models/hardnet.yaml`` (relative to this file): that file's sections are the
+    defaults; its ``search_space`` becomes ``sweep.search_space`` when the sweep gives none."""
+    if "base" not in raw:
+        return raw
+    base_path = (path.parent / str(raw.pop("base"))).resolve()
+    try:
+        base = yaml.safe_load(base_path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: base: file {base_path} not found") from None
+    base = _with_base(base, base_path, str(base_path))
+    space = base.pop("search_space", None)
+    base = {k: v for k, v in base.items() if v is not None}
+    merged = _deep_merge(base, raw)
+    if space and isinstance(merged.get("sweep"), dict) and "search_space" not in merged["sweep"]:
+        merged["sweep"]["search_space"] = space
+    return merged
+
+
 def load_config(
     path: str | os.PathLike,
     overrides: dict[str, Any] | None = None,
@@ -234,6 +293,7 @@ def load_config(
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (data, train, ...), got {type(raw).__name__}")
+    raw = _with_base(raw, Path(path), source)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     try:
@@ -251,6 +311,10 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
     cpus = available_cpus if available_cpus is not None else (os.cpu_count() or 1)
     gpus = available_gpus if available_gpus is not None else gpu_count()
     problems = []
+    from pipeline.models import create_model
+
+    if not getattr(create_model(cfg.model.arch, **cfg.model.factory_kwargs()), "trainable", True):
+        problems.append(f"model.arch: {cfg.model.arch!r} is a fixed baseline, not trainable (it is evaluated in every table)")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:
         problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")

@@ -12,17 +12,24 @@ from pipeline.metrics import fpr_at_95_recall
 
 
 @torch.no_grad()
-def describe(model: nn.Module, patches: np.ndarray, plan: DevicePlan | None = None, batch_size: int = 1024) -> np.ndarray:
-    """uint8 patches (N, P, P) -> descriptors (N, D) float32, in eval mode."""
+def describe(
+    model: nn.Module, patches: np.ndarray, plan: DevicePlan | None = None, batch_size: int = 1024, method: str = "forward"
+) -> np.ndarray:
+    """uint8 patches (N, P, P) -> descriptors (N, D) float32, in eval mode, resized to the
+    model's input size when the patches differ (``method="embed"``: HardNet8's pre-PCA output)."""
+    from pipeline.objectives import fit_input
+
     plan = plan or plan_for(use_gpu=False)
     was_training = model.training
     model.eval()
+    fn = getattr(model, method)
+    size = getattr(model, "input_size", patches.shape[-1])
     out = []
     try:
         for start in range(0, len(patches), batch_size):
-            x = plan.prepare_batch(torch.from_numpy(patches[start : start + batch_size]).unsqueeze(1))
+            x = plan.prepare_batch(torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size])).unsqueeze(1))
             with plan.autocast():
-                out.append(model(x).float().cpu())
+                out.append(fn(fit_input(x, size)).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out).numpy()
@@ -32,6 +39,9 @@ def pair_distances(model: nn.Module, pairs: np.ndarray, plan: DevicePlan | None 
     """uint8 pairs (N, 2, P, P) -> L2 distance between the two descriptors of each pair."""
     n = len(pairs)
     desc = describe(model, np.concatenate([pairs[:, 0], pairs[:, 1]]), plan)
+    if getattr(model, "kind", "embedding") == "pair_classifier":  # MatchNet: its metric network ranks pairs
+        with torch.no_grad():
+            return model.eval().distance(torch.from_numpy(desc[:n]), torch.from_numpy(desc[n:])).float().numpy()
     return np.linalg.norm(desc[:n] - desc[n:], axis=1)
 
 

@@ -28,8 +28,8 @@ from pipeline.data.stream import check_shard_count, load_pairs, train_loader
 from pipeline.augment import fliprot, make_jitter
 from pipeline.device import plan_for
 from pipeline.evaluate import evaluate_pairs
-from pipeline.losses import hardest_in_batch_triplet_loss
 from pipeline.models import create_model
+from pipeline.objectives import PairObjective
 from pipeline.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ METRIC = "eval_fpr95"  # lower is better
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    return create_model(cfg.model.arch, dropout=cfg.model.dropout)
+    return create_model(cfg.model.arch, **cfg.model.factory_kwargs())
 
 
 def save_state(directory: Path, *, model, optimizer, epoch: int, step: int, mlflow_run_id: str | None, cfg: Config) -> None:
@@ -82,9 +82,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(cfg)
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
-    )
+    base_lr = cfg.train.lr * (cfg.train.batch_size / cfg.train.lr_reference_batch if cfg.train.lr_reference_batch else 1.0)
+    if cfg.train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=cfg.train.weight_decay)
     start_epoch, step, run_id = 0, 0, loop_config.get("mlflow_run_id")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -94,8 +96,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         run_id = state["mlflow_run_id"] or run_id
-    model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
-    core = getattr(model, "module", model)
+    loss_rng = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)  # in-batch negatives
+    # DDP wraps the objective (model + loss), so everything the loss uses is inside one forward.
+    objective = ray.train.torch.prepare_model(PairObjective(model, cfg.model.arch, cfg.loss, loss_rng))
+    core = model
 
     urls = loop_config.get("shard_urls") or {s: shard_paths(cfg.data.shards, s) for s in ("train", "eval")}
     train_urls = urls["train"]
@@ -112,6 +116,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # the previous epoch's checkpoint draws the same data order, augmentations and dropout masks.
         epoch_seed = cfg.train.seed * 1_000_003 + epoch * 1009 + rank
         augment_rng.manual_seed(epoch_seed)
+        loss_rng.manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)
         loader = train_loader(
             train_urls,
@@ -124,7 +129,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             shuffle_buffer=cfg.data.shuffle_buffer,
             seed=cfg.train.seed,
         )
-        model.train()
+        objective.train()
         loss_sum, n_batches, skipped, t0 = 0.0, 0, 0, time.perf_counter()
         for batch in loader:
             pairs = batch["pairs"]
@@ -135,14 +140,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             x = plan.prepare_batch(pairs.reshape(b * 2, 1, p, p))  # a0, p0, a1, p1, ...
             if jitter is not None:
                 x = jitter(x)
-            lr = cfg.train.lr * (1.0 - step / total_steps)  # HardNet: linear decay to 0
+            lr = base_lr * ((1.0 - step / total_steps) if cfg.train.lr_schedule == "linear_to_zero" else 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with plan.autocast():
-                desc = model(x).float().view(b, 2, -1)
-            loss = hardest_in_batch_triplet_loss(
-                desc[:, 0], desc[:, 1], margin=cfg.loss.margin, anchor_swap=cfg.loss.anchor_swap
-            )
+                loss = objective(x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _maybe_fail(loop_config.get("fail_once"), rank=rank, epoch=epoch, step=step)
@@ -152,6 +154,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             n_batches += 1
         seconds = time.perf_counter() - t0
 
+        if rank == 0 and getattr(core, "pca_dim", None):
+            fit_model_pca(core, train_urls[:2], plan)
         fpr = evaluate_pairs(core, eval_pairs, eval_labels, plan)[METRIC] if rank == 0 else 0.0
         # One collective: mean train loss over ranks, rank 0's FPR95 to everyone, skipped samples summed.
         shared = torch.tensor([loss_sum / max(1, n_batches), fpr if rank == 0 else 0.0, skipped], dtype=torch.float64)
@@ -179,6 +183,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+def fit_model_pca(model: torch.nn.Module, urls: list[str], plan, max_pairs: int = 2048) -> None:
+    """Fit a PCA head (HardNet8) on descriptors of training patches, as the HardNet8 recipe does."""
+    from pipeline.evaluate import describe
+    from pipeline.pca import fit_pca
+
+    pairs, _, _ = load_pairs(urls, max_pairs)
+    patches = pairs.reshape(-1, *pairs.shape[2:])
+    with torch.no_grad():
+        embedded = describe(model, patches, plan, method="embed")
+    model.set_pca(*fit_pca(embedded, model.pca_dim))
 
 
 def _maybe_fail(spec: dict | None, *, rank: int, epoch: int, step: int) -> None:

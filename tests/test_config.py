@@ -66,6 +66,29 @@ def test_overrides_are_validated_and_relative_paths_resolved(tmp_path, monkeypat
 
 def test_shipped_configs_are_valid():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
+        if path.parent.name != "models":
+            load_config(path, available_cpus=2, available_gpus=0)
+
+
+def test_every_model_config_is_a_valid_base(tmp_path):
+    from pipeline.models import list_models
+
+    for arch in list_models():
+        run = write(tmp_path, f"base: {REPO}/configs/models/{arch}.yaml\ndata: {{shards: s}}\nsweep: {{}}\n")
+        if arch == "sift":
+            with pytest.raises(ConfigError, match="model.arch: 'sift' is a fixed baseline, not trainable"):
+                load_config(run, available_cpus=2, available_gpus=0)
+            continue
+        cfg = load_config(run, available_cpus=2, available_gpus=0)
+        assert cfg.model.arch == arch and cfg.sweep.search_space  # the model's search space came along
+
+
+def test_model_options_are_checked_against_the_factory(tmp_path):
+    path = write(tmp_path, "data: {shards: s}\nmodel: {arch: hardnet, pca_dim: 64}\n")
+    with pytest.raises(ConfigError, match=r"model: pca_dim: not an option of 'hardnet' \(its options: dropout\)"):
+        load_config(path, available_cpus=2, available_gpus=0)
+    path = write(tmp_path, "data: {shards: s}\nmodel: {arch: resnet}\n")
+    with pytest.raises(ConfigError, match="model: arch: expected one of hardnet, hardnet8"):
         load_config(path, available_cpus=2, available_gpus=0)
 
 
