@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 TRIAL_SLOT = "trial_slot"  # custom resource that Tune trial drivers hold instead of a CPU
+
+
+def pin_cluster_address() -> None:
+    """Make this process's local cluster the one Ray's internal clients auto-detect.
+
+    Train V2's PlacementGroupCleaner (and other State API users inside the cluster) look the
+    cluster up by address=None: with a second Ray instance on the machine (a `ray start` head,
+    another user's job) that lookup fails ("Found multiple active Ray instances"), the cleaner
+    dies, finished trials leak their placement groups and the next wave of trials waits forever.
+    Auto-detection reads the "current cluster" file first, so point it at ours, and put the
+    previous content back at exit.
+    """
+    import ray
+    from ray._private.utils import get_ray_address_file, read_ray_address, write_ray_address
+
+    previous = read_ray_address()
+    write_ray_address(ray.get_runtime_context().gcs_address)
+
+    def restore() -> None:
+        if previous:
+            write_ray_address(previous)
+        else:
+            try:
+                os.remove(get_ray_address_file(None))
+            except OSError:
+                pass
+
+    atexit.register(restore)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -20,3 +49,4 @@ def init_ray(address: str | None = None) -> None:
         return
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, resources={TRIAL_SLOT: cpus}, include_dashboard=True, log_to_driver=True)
+    pin_cluster_address()

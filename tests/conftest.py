@@ -15,9 +15,10 @@ def ray_cluster():
     (see pipeline.tune for why Tune trial drivers hold a slot instead of a CPU)."""
     import ray
 
-    from pipeline.cluster import TRIAL_SLOT
+    from pipeline.cluster import TRIAL_SLOT, pin_cluster_address
 
     ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, log_to_driver=True)
+    pin_cluster_address()  # other Ray instances (tests/test_jobs.py's head) must not confuse its internals
     yield ray
     ray.shutdown()
 
