@@ -176,3 +176,102 @@ def test_load_manifest_errors_name_the_path(tmp_path: Path) -> None:
                                 "splits": {"train": {"pairs": 1, "positives": 1, "shards": [{"name": "a.tar"}]}}}))
     with pytest.raises(ShardError, match="sha256"):
         load_manifest(tmp_path)
+
+
+# --- resumable conversions -------------------------------------------------------------------------
+
+PARAMS = {"source": "test", "seed": 0, "sizes": [8, 8, 8, 8, 8, 8, 3]}
+
+
+def _convert(out: Path, blocks, report: dict | None = None, params: dict = PARAMS) -> dict:
+    entry = write_split(out, "train", blocks, 2, progress=False, params=params, report=report)
+    manifest = {"schema_version": SCHEMA_VERSION, "source": "test", "patch_size": P, "pairs_per_block": 8,
+                "created": "fixed", "generator": params, "splits": {"train": entry}}
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_interrupted_conversion_resumes_writing_only_missing_shards(tmp_path: Path, caplog) -> None:
+    sizes = PARAMS["sizes"]  # 7 blocks, 2 per shard -> 4 shards
+    reference = _convert(tmp_path / "ref", make_blocks(sizes))
+
+    def dies_after(n_blocks: int):
+        yield from make_blocks(sizes)[:n_blocks]
+        raise RuntimeError("killed")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="killed"):
+        _convert(out, dies_after(5))  # shards 0 and 1 complete, shard 2 half-way
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.partial.json", "train-000000.tar", "train-000001.tar"]
+    partial = json.loads((out / "manifest.partial.json").read_text())
+    entry = partial["splits"]["train"]
+    assert entry["params"] == PARAMS and entry["complete"] is False and entry["blocks_per_shard"] == 2
+    assert [s["name"] for s in entry["shards"]] == ["train-000000.tar", "train-000001.tar"]
+    assert [s["sha256"] for s in entry["shards"]] == [s["sha256"] for s in reference["splits"]["train"]["shards"][:2]]
+    assert [s["positives"] for s in entry["shards"]] == [int(sum(b.labels.sum() for b in make_blocks(sizes)[i:i + 2]))
+                                                         for i in (0, 2)]
+    before = {n: (out / n).stat() for n in ("train-000000.tar", "train-000001.tar")}
+
+    report: dict = {}
+    with caplog.at_level("INFO", logger="pipeline.data.shards"):
+        _convert(out, make_blocks(sizes), report)
+    assert report == {"written": ["train-000002.tar", "train-000003.tar"],
+                      "skipped": ["train-000000.tar", "train-000001.tar"]}
+    assert "2 of 4 shard(s) already complete" in caplog.text
+    for name, st in before.items():  # not rewritten: same inode, same mtime
+        after = (out / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert _files(out) == _files(tmp_path / "ref")  # byte-identical, partial manifest gone
+    verify_shards(out)
+
+
+def test_resume_rewrites_damaged_or_changed_shards(tmp_path: Path) -> None:
+    sizes = PARAMS["sizes"]
+    _convert(tmp_path, make_blocks(sizes))
+    victim = tmp_path / "train-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF  # same size, different content
+    victim.write_bytes(bytes(data))
+    (tmp_path / "train-000003.tar").unlink()
+    report: dict = {}
+    _convert(tmp_path, make_blocks(sizes), report)
+    assert report == {"written": ["train-000001.tar", "train-000003.tar"],
+                      "skipped": ["train-000000.tar", "train-000002.tar"]}
+    verify_shards(tmp_path)
+
+    # Different data (another seed) under the same names: everything is rewritten.
+    report = {}
+    _convert(tmp_path, make_blocks(sizes[:3], seed=1), report, params={**PARAMS, "seed": 1})
+    assert report == {"written": ["train-000000.tar", "train-000001.tar"], "skipped": []}
+    assert sorted(p.name for p in tmp_path.glob("train-*")) == ["train-000000.tar", "train-000001.tar"]
+    verify_shards(tmp_path)
+
+
+def test_partial_manifest_with_other_params_is_reset(tmp_path: Path) -> None:
+    def dies_after(n_blocks: int, seed: int):
+        yield from make_blocks(PARAMS["sizes"], seed=seed)[:n_blocks]
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_split(tmp_path, "train", dies_after(3, 0), 2, progress=False, params=PARAMS)
+    with pytest.raises(RuntimeError):
+        write_split(tmp_path, "train", dies_after(5, 1), 2, progress=False, params={**PARAMS, "seed": 1})
+    entry = json.loads((tmp_path / "manifest.partial.json").read_text())["splits"]["train"]
+    assert entry["params"]["seed"] == 1 and len(entry["shards"]) == 2
+    (tmp_path / "manifest.partial.json").write_text("{broken")  # unreadable: ignored, then replaced
+    write_split(tmp_path, "train", make_blocks([8]), 2, progress=False, params=PARAMS)
+    assert json.loads((tmp_path / "manifest.partial.json").read_text())["splits"]["train"]["complete"] is True
+
+
+def test_array_memory_layout_does_not_change_shard_bytes(tmp_path: Path) -> None:
+    block = make_blocks([8])[0]
+    fortran = PairBlock(np.asfortranarray(block.pairs), block.labels, np.asfortranarray(block.ids))
+    assert not fortran.ids.flags["C_CONTIGUOUS"]
+    a = write_split(tmp_path / "c", "eval", [block], 1, progress=False)
+    b = write_split(tmp_path / "f", "eval", [fortran], 1, progress=False)
+    assert a == b
+    np.testing.assert_array_equal(next(read_blocks(tmp_path / "f" / "eval-000000.tar")).ids, block.ids)

@@ -10,6 +10,10 @@ the shard), with three ``np.save`` members: ``pairs.npy`` uint8 (K, 2, P, P), ``
 (K,) (1 = same scene point), ``ids.npy`` int64 (K, 2) (global point ids, equal iff positive).
 One pair per tar member would decode at only ~5-20k samples/s per core; blocks decode near memory
 speed. The last block of a split may hold fewer than ``pairs_per_block`` pairs.
+
+While a conversion runs, ``{out_dir}/manifest.partial.json`` records its progress (see
+``write_split``); an interrupted conversion re-run with the same arguments rewrites only the
+shards that are missing or differ, and ``manifest.json`` is always written last.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -38,9 +43,19 @@ _REQUIRED_TOP = ("schema_version", "source", "patch_size", "pairs_per_block", "s
 _REQUIRED_SPLIT = ("pairs", "positives", "shards")
 _REQUIRED_SHARD = ("name", "pairs", "blocks", "sha256")
 
+logger = logging.getLogger(__name__)
+
 
 class ShardError(ValueError):
     """A shard or manifest is missing, malformed or does not match its checksum."""
+
+
+class SourceError(ShardError):
+    """Raw input of a conversion (PhotoTour, HPatches, image sequences) is missing or malformed.
+
+    A ShardError subclass so that callers handling ShardError (the CLI) report it cleanly; the
+    message always names the offending file (and line, for text files).
+    """
 
 
 @dataclass
@@ -80,7 +95,8 @@ class PairBlock:
 
 def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
+    # Always C order: the same values give the same bytes (and sha256) whatever the array's layout.
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -109,39 +125,113 @@ def _shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def _write_shard(path: Path, split: str, index: int, blocks: list[PairBlock]) -> dict:
-    """Write one shard via ``path.tmp`` + os.replace and return its manifest entry."""
+def _shard_bytes(split: str, index: int, blocks: list[PairBlock]) -> bytes:
+    """The exact bytes of one shard (deterministic: same blocks -> same bytes -> same sha256)."""
+    buf = io.BytesIO()
+    # encoder=False: members are already npy bytes; mtime=0: no per-member PAX header
+    # (a float mtime grows shards ~67%) and byte-identical shards across runs.
+    writer = wds.TarWriter(buf, encoder=False, mtime=0)
+    for b, block in enumerate(blocks):
+        writer.write({
+            "__key__": f"{split}-{index:06d}-{b:05d}",
+            "pairs.npy": _npy_bytes(block.pairs),
+            "labels.npy": _npy_bytes(block.labels),
+            "ids.npy": _npy_bytes(block.ids),
+        })
+    writer.close()
+    return buf.getvalue()
+
+
+def _publish_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + os.replace (never a torn file)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            # encoder=False: members are already npy bytes; mtime=0: no per-member PAX header
-            # (a float mtime grows shards ~67%) and byte-identical shards across runs.
-            writer = wds.TarWriter(f, encoder=False, mtime=0)
-            for b, block in enumerate(blocks):
-                writer.write({
-                    "__key__": f"{split}-{index:06d}-{b:05d}",
-                    "pairs.npy": _npy_bytes(block.pairs),
-                    "labels.npy": _npy_bytes(block.labels),
-                    "ids.npy": _npy_bytes(block.ids),
-                })
-            writer.close()
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
         _fsync_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"name": path.name, "pairs": sum(len(b) for b in blocks), "blocks": len(blocks), "sha256": digest}
+
+
+def _shard_entry(name: str, blocks: list[PairBlock], digest: str) -> dict:
+    return {"name": name, "pairs": sum(len(b) for b in blocks), "blocks": len(blocks), "sha256": digest}
+
+
+def _same_file(path: Path, data: bytes, digest: str) -> bool:
+    """True if ``path`` already holds exactly ``data`` (size first, then sha256)."""
+    try:
+        if path.stat().st_size != len(data):
+            return False
+        return _sha256(path) == digest
+    except OSError:
+        return False
+
+
+# --- resumable conversions ------------------------------------------------------------------------
+# While a split is written with ``params`` (the generator's parameters), ``manifest.partial.json``
+# records, per split, those params and every shard completed so far (name, pairs, blocks, sha256,
+# positives); it is replaced atomically after each shard and removed when write_manifest publishes
+# the final manifest.json. A re-run skips a shard when the file on disk is byte-identical to what it
+# would write (same size and sha256 as the freshly serialised shard), so an interrupted conversion
+# restarted with the same arguments only writes the shards that are missing or damaged, and a
+# finished one re-run with the same arguments rewrites nothing. The partial manifest says which
+# conversion (params) the shards on disk came from and how far it got.
+
+PARTIAL_MANIFEST_NAME = "manifest.partial.json"
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_partial_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The partial manifest of an unfinished conversion in ``out_dir`` (None if absent/unreadable)."""
+    path = Path(out_dir) / PARTIAL_MANIFEST_NAME
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        logger.warning("%s: unreadable partial manifest (%s); starting the split afresh", path, e)
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
+        logger.warning("%s: not a partial manifest; starting the split afresh", path)
+        return None
+    return m
+
+
+def _jsonable(params: dict) -> dict:
+    """``params`` as it reads back from JSON (tuples -> lists, ...), so comparisons are exact."""
+    return json.loads(json.dumps(params, sort_keys=True, default=str))
 
 
 def write_split(out_dir: str | os.PathLike, split: str, blocks: Iterable[PairBlock], blocks_per_shard: int,
-                progress: bool = True) -> dict:
+                progress: bool = True, *, params: dict | None = None, report: dict | None = None) -> dict:
     """Write ``blocks`` as ``{split}-{index:06d}.tar`` shards of ``blocks_per_shard`` blocks each.
 
     All blocks must share one patch size (taken from the first). Returns the split's manifest
     entry ``{"pairs", "positives", "shards": [{"name", "pairs", "blocks", "sha256"}]}``. Shards of
     this split left over from an earlier, larger write are removed so globs cannot pick them up.
+
+    Resumable: a shard whose file already holds exactly the bytes it would get is not rewritten
+    (its size and sha256 are compared with the freshly serialised shard), so re-running an
+    interrupted conversion with the same arguments only writes the missing or damaged shards, and
+    the result is byte-identical to an uninterrupted run. With ``params`` (JSON-serialisable
+    generator parameters) progress is also recorded in ``manifest.partial.json`` after every shard
+    (see above). ``report``, if given, is filled with ``{"written": [names], "skipped": [names]}``.
     """
     if split not in SPLITS:
         raise ShardError(f"{out_dir}: unknown split {split!r}, expected one of {SPLITS}")
@@ -153,6 +243,44 @@ def write_split(out_dir: str | os.PathLike, split: str, blocks: Iterable[PairBlo
     pending: list[PairBlock] = []
     positives = 0
     patch_size: int | None = None
+    written: list[str] = []
+    skipped: list[str] = []
+
+    partial: dict | None = None
+    recorded: dict[str, dict] = {}
+    if params is not None:
+        jparams = _jsonable(params)
+        partial = load_partial_manifest(out) or {"schema_version": SCHEMA_VERSION, "splits": {}}
+        previous = partial["splits"].get(split)
+        if (isinstance(previous, dict) and previous.get("params") == jparams
+                and previous.get("blocks_per_shard") == blocks_per_shard):
+            recorded = {s["name"]: s for s in previous.get("shards", []) if isinstance(s, dict) and "name" in s}
+            if recorded:
+                logger.info("%s: resuming split %r: %d shard(s) recorded complete by an earlier run",
+                            out, split, len(recorded))
+        partial["splits"][split] = {"params": jparams, "blocks_per_shard": blocks_per_shard, "complete": False,
+                                    "shards": []}
+
+    def flush(bar: tqdm) -> None:
+        nonlocal pending
+        index = len(shards)
+        name = _shard_name(split, index)
+        data = _shard_bytes(split, index, pending)
+        digest = hashlib.sha256(data).hexdigest()
+        if _same_file(out / name, data, digest):
+            skipped.append(name)
+        else:
+            _publish_bytes(out / name, data)
+            written.append(name)
+        entry = _shard_entry(name, pending, digest)
+        shards.append(entry)
+        if partial is not None:
+            partial["splits"][split]["shards"].append(
+                {**entry, "positives": sum(int(b.labels.sum()) for b in pending)})
+            _write_json_atomic(out / PARTIAL_MANIFEST_NAME, partial)
+        pending = []
+        bar.set_postfix(written=len(written), skipped=len(skipped), refresh=False)
+
     with tqdm(desc=f"shards {split}", unit="pair", disable=not progress, file=sys.stderr) as bar:
         for block in blocks:
             if patch_size is None:
@@ -163,10 +291,9 @@ def write_split(out_dir: str | os.PathLike, split: str, blocks: Iterable[PairBlo
             positives += int(block.labels.sum())
             bar.update(len(block))
             if len(pending) == blocks_per_shard:
-                shards.append(_write_shard(out / name, split, len(shards), pending))
-                pending = []
+                flush(bar)
         if pending:
-            shards.append(_write_shard(out / _shard_name(split, len(shards)), split, len(shards), pending))
+            flush(bar)
     if not shards:
         raise ShardError(f"{out}: no blocks given for split {split!r}, expected at least one")
     keep = {s["name"] for s in shards}
@@ -174,11 +301,25 @@ def write_split(out_dir: str | os.PathLike, split: str, blocks: Iterable[PairBlo
     for stale in out.iterdir():
         if pattern.match(stale.name) and stale.name not in keep:
             stale.unlink()
+    if skipped:
+        msg = (f"{out}: split {split!r}: {len(skipped)} of {len(shards)} shard(s) already complete "
+               f"(identical sha256), skipped; {len(written)} written")
+        logger.info(msg)
+        if progress:
+            tqdm.write(msg, file=sys.stderr)
+    if partial is not None:
+        partial["splits"][split]["complete"] = True
+        _write_json_atomic(out / PARTIAL_MANIFEST_NAME, partial)
+    if report is not None:
+        report["written"], report["skipped"] = written, skipped
     return {"pairs": sum(s["pairs"] for s in shards), "positives": positives, "shards": shards}
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``manifest.json`` atomically (temp file + os.replace); fills ``created`` if absent."""
+    """Write ``manifest.json`` atomically (temp file + os.replace); fills ``created`` if absent.
+
+    The conversion is then finished: its ``manifest.partial.json`` (if any) is removed.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = dict(manifest)
@@ -196,6 +337,7 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    (out / PARTIAL_MANIFEST_NAME).unlink(missing_ok=True)
     return path
 
 
@@ -290,3 +432,34 @@ def read_blocks(path: str | os.PathLike) -> Iterator[PairBlock]:
         raise ShardError(f"{path}: not a readable tar shard ({e})") from None
     if key is not None:
         yield make(key, members)
+
+
+# --- helpers shared by the sources ------------------------------------------------------------------
+
+def block_sizes(n_pairs: int, pairs_per_block: int) -> list[int]:
+    """Sizes of the blocks of a split of ``n_pairs``: full blocks, the last one possibly shorter."""
+    if n_pairs < 1 or pairs_per_block < 1:
+        raise ValueError(f"need n_pairs >= 1 and pairs_per_block >= 1, got {n_pairs}, {pairs_per_block}")
+    full, rest = divmod(n_pairs, pairs_per_block)
+    return [pairs_per_block] * full + ([rest] if rest else [])
+
+
+def iter_blocks(pairs: np.ndarray, labels: np.ndarray, ids: np.ndarray, pairs_per_block: int) -> Iterator[PairBlock]:
+    """Cut whole-split arrays into PairBlocks of ``pairs_per_block`` (views, no copies)."""
+    for i in range(0, len(labels), pairs_per_block):
+        yield PairBlock(pairs[i : i + pairs_per_block], labels[i : i + pairs_per_block], ids[i : i + pairs_per_block])
+
+
+def distinct_per_block(rng: np.random.Generator, n_candidates: int, n_pairs: int, pairs_per_block: int,
+                       what: str = "points") -> Iterator[np.ndarray]:
+    """For each block of a split of ``n_pairs``, indices of distinct candidates (one per pair).
+
+    The training-pair rule of HardNet's data generation: a scene point appears at most once per
+    block (batch), so every other pair of the block is a true negative for hardest-in-batch mining.
+    """
+    sizes = block_sizes(n_pairs, pairs_per_block)
+    if sizes[0] > n_candidates:
+        raise ValueError(f"pairs_per_block={pairs_per_block} needs at least that many distinct {what} per block, "
+                         f"but only {n_candidates} are available; lower pairs_per_block")
+    for k in sizes:
+        yield rng.choice(n_candidates, size=k, replace=False)

@@ -1,0 +1,245 @@
+"""Image sequences + homographies -> pairs: exact geometry on synthetic sequences in both on-disk
+layouts (HPatches 1.ppm/H_1_k, Oxford img1.png/H1tokp), and the real Oxford graf sequence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+import pipeline.data.sequences as seqmod
+from pipeline.data.sequences import (find_sequences, laf_scale, map_frames, open_sequence, sequence_pairs,
+                                     sequence_to_shards)
+from pipeline.data.shards import SourceError, read_blocks, shard_paths, verify_shards
+
+GRAF = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford_graf"
+H, W = 200, 240
+SHIFT = (8, 16)  # image 2 = image 1 moved by (-8, -16): multiples of 8 keep pyramid levels aligned
+
+
+def texture(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Blobs at several scales: plenty of DoG keypoints, float in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    x = sum(ndimage.gaussian_filter(rng.standard_normal(shape), s) * s for s in (2.0, 4.0, 8.0))
+    x = (x - x.min()) / (x.max() - x.min())
+    return x
+
+
+def save(path: Path, img: np.ndarray) -> None:
+    Image.fromarray(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), mode="L").save(path)
+
+
+def write_hpatches_layout(d: Path, seed: int = 0) -> Path:
+    """1.ppm; 2.ppm = translated; 3.ppm = rotated 90 degrees (exact pixel permutations)."""
+    d.mkdir(parents=True)
+    canvas = texture((H + 40, W + 40), seed)
+    img1 = canvas[:H, :W]
+    dx, dy = SHIFT
+    img2 = canvas[dy : dy + H, dx : dx + W]  # img2(x, y) = img1(x + dx, y + dy)
+    img3 = np.rot90(img1)  # img3[i, j] = img1[j, W - 1 - i]
+    for k, img in ((1, img1), (2, img2), (3, img3)):
+        save(d / f"{k}.ppm", img)
+    (d / "H_1_2").write_text(f"1 0 {-dx}\n0 1 {-dy}\n0 0 1\n")
+    (d / "H_1_3").write_text(f"0 1 0\n-1 0 {W - 1}\n0 0 1\n")
+    return d
+
+
+def write_oxford_layout(d: Path, seed: int = 1) -> Path:
+    """img1.png; img2.pgm = img1 downscaled 2x by 2x2 averaging, H1to2p accordingly."""
+    d.mkdir(parents=True)
+    img1 = texture((H, W), seed)
+    img2 = img1.reshape(H // 2, 2, W // 2, 2).mean((1, 3))
+    save(d / "img1.png", img1)
+    Image.fromarray(np.clip(np.rint(img2 * 255), 0, 255).astype(np.uint8)).save(d / "img2.pgm")
+    (d / "H1to2p").write_text("5.0000000e-01 0 -2.5e-01\n0 5.0e-01 -2.5e-01\n0 0 1\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def seqs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sequences")
+    write_hpatches_layout(root / "hp_a")
+    write_oxford_layout(root / "ox_b")
+    write_hpatches_layout(root / "hp_c", seed=2)
+    (root / "notes").mkdir()
+    return root
+
+
+@pytest.fixture
+def no_jitter(monkeypatch):
+    for k in ("position_jitter", "scale_jitter", "orientation_jitter_deg"):
+        monkeypatch.setitem(seqmod.PARAMS, k, 0.0)
+
+
+def patch_distance(pairs: np.ndarray) -> np.ndarray:
+    return np.abs(pairs[:, 0].astype(np.float64) - pairs[:, 1]).mean((1, 2))
+
+
+def test_layouts_and_discovery(seqs: Path) -> None:
+    assert [p.name for p in find_sequences(seqs)] == ["hp_a", "hp_c", "ox_b"]
+    a, b = open_sequence(seqs / "hp_a"), open_sequence(seqs / "ox_b")
+    assert a.layout == "hpatches" and sorted(a.images) == [1, 2, 3] and a.homography_path(3).name == "H_1_3"
+    assert b.layout == "oxford" and b.images[2].name == "img2.pgm" and b.homography_path(2).name == "H1to2p"
+    assert find_sequences(GRAF) == [GRAF]
+
+
+def test_jacobian_mapping_matches_finite_differences() -> None:
+    hom = np.array([[0.88, 0.31, -39.4], [-0.18, 0.94, 153.2], [2e-4, -1.6e-5, 1.0]])  # graf's H1to2p
+    lafs = np.array([[[5.0, 1.0, 300.0], [-2.0, 7.0, 200.0]], [[30.0, 0.0, 50.0], [0.0, 30.0, 400.0]]])
+    mapped, ok = map_frames(lafs, hom)
+    assert ok.all()
+
+    def h(p):
+        q = hom @ np.array([p[0], p[1], 1.0])
+        return q[:2] / q[2]
+
+    for laf, out in zip(lafs, mapped):
+        c = laf[:, 2]
+        np.testing.assert_allclose(out[:, 2], h(c), rtol=1e-12)
+        eps = 1e-4
+        jac = np.stack([(h(c + e) - h(c - e)) / (2 * eps) for e in np.eye(2) * eps], 1)
+        np.testing.assert_allclose(out[:, :2], jac @ laf[:, :2], rtol=1e-6)
+
+
+def test_mapped_patches_match_exactly_without_jitter(seqs: Path, no_jitter) -> None:
+    pairs, labels, ids = sequence_pairs(seqs / "hp_a", targets=[2], max_keypoints=300)
+    pos = labels == 1
+    assert pos.sum() > 40 and pos.mean() == 0.5
+    d = patch_distance(pairs)
+    # translation by whole pixels: the image-2 frame samples exactly the same pixels
+    assert d[pos].max() < 0.05, d[pos].max()
+    assert d[~pos].min() > 5
+
+    pairs, labels, _ = sequence_pairs(seqs / "hp_a", targets=[3], max_keypoints=300)
+    d = patch_distance(pairs)
+    # 90 degree rotation: the Jacobian turns the frame with the image, so the patches are the same
+    assert d[labels == 1].max() < 0.05 and d[labels == 0].min() > 5
+
+    pairs, labels, _ = sequence_pairs(seqs / "ox_b", max_keypoints=300)
+    d = patch_distance(pairs)
+    # 2x downscaled image: half-size frames sample the same content (up to resampling blur)
+    assert d[labels == 1].max() < 4 and np.median(d[labels == 0]) > 20
+
+
+def test_image1_pixels_are_bilinear_samples_of_the_frame(seqs: Path, no_jitter) -> None:
+    seq = open_sequence(seqs / "hp_a")
+    cor = seqmod._correspondences(seq, [2], 32, 300)
+    img = seqmod.read_image(seq.images[1]).astype(np.float64)
+    small = np.flatnonzero(laf_scale(cor.lafs1) < 15)  # pyramid level 0: sampled from the image itself
+    assert small.size > 10
+    u = (2 * np.arange(32) + 1) / 32 - 1
+    for i in small[:10]:
+        a, c = cor.lafs1[i, :, :2], cor.lafs1[i, :, 2]
+        xy = c[:, None, None] + np.einsum("ij,jrc->irc", a, np.stack(np.meshgrid(u, u)))  # cell (r, c): A (u_c, u_r)
+        ref = ndimage.map_coordinates(img, [xy[1], xy[0]], order=1, mode="nearest") * 255
+        assert np.abs(cor.patches1[i] - ref).max() <= 1.0
+
+
+def test_jitter_is_seeded_and_perturbs(seqs: Path) -> None:
+    a = sequence_pairs(seqs / "hp_a", targets=[2], max_keypoints=300, n_pairs=60, seed=1)
+    b = sequence_pairs(seqs / "hp_a", targets=[2], max_keypoints=300, n_pairs=60, seed=1)
+    c = sequence_pairs(seqs / "hp_a", targets=[2], max_keypoints=300, n_pairs=60, seed=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], c[0])
+    pairs, labels, ids = a
+    assert pairs.shape == (60, 2, 32, 32) and labels.sum() == 30
+    np.testing.assert_array_equal(ids[:, 0] == ids[:, 1], labels == 1)
+    d = patch_distance(pairs)
+    assert 0.5 < np.median(d[labels == 1]) < 0.5 * np.median(d[labels == 0])  # jittered, still alike
+
+
+def test_shards_train_eval_both(seqs: Path, tmp_path: Path) -> None:
+    m = sequence_to_shards([seqs / "hp_a", seqs / "ox_b"], tmp_path / "tr", split="both", eval_dirs=seqs / "hp_c",
+                           max_keypoints=300, pairs_per_block=32, blocks_per_shard=2, progress=False)
+    verify_shards(tmp_path / "tr")
+    blocks = [b for p in shard_paths(tmp_path / "tr", "train") for b in read_blocks(p)]
+    assert all(len(b) == 32 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 32
+    for b in blocks:  # a point at most once per block, also in blocks spanning two sequences
+        assert (b.labels == 1).all() and len(np.unique(b.ids[:, 0])) == len(b)
+    ids = np.concatenate([b.ids[:, 0] for b in blocks])
+    assert set(np.unique(ids >> 32)) == {0, 1}  # both train sequences, indices 0 and 1
+    assert m["generator"]["train"]["pairs_per_sequence"][0] + m["generator"]["train"]["pairs_per_sequence"][1] \
+        == m["splits"]["train"]["pairs"]
+
+    ev = [b for p in shard_paths(tmp_path / "tr", "eval") for b in read_blocks(p)]
+    ev_ids = np.concatenate([b.ids for b in ev])
+    assert set(np.unique(ev_ids >> 32)) == {2}
+    # the eval shards hold exactly sequence_pairs' arrays, for a folder of sequences too
+    m1 = sequence_to_shards(seqs, tmp_path / "ev", pairs_per_sequence=20, max_keypoints=300, pairs_per_block=16,
+                            progress=False)
+    pairs, labels, ids = sequence_pairs(seqs, n_pairs=20, max_keypoints=300)
+    got = [b for p in shard_paths(tmp_path / "ev", "eval") for b in read_blocks(p)]
+    np.testing.assert_array_equal(np.concatenate([b.pairs for b in got]), pairs)
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in got]), labels)
+    np.testing.assert_array_equal(np.concatenate([b.ids for b in got]), ids)
+    assert m1["splits"]["eval"]["positives"] * 2 == m1["splits"]["eval"]["pairs"] == len(labels) == 60
+    assert [Path(p).name for p in m1["generator"]["eval"]["sequences"]] == ["hp_a", "hp_c", "ox_b"]
+    np.testing.assert_array_equal(np.unique(ids >> 32), [0, 1, 2])
+    first = sequence_pairs(seqs / "hp_a", n_pairs=20, max_keypoints=300)  # sequence 0 alone: the same pairs
+    np.testing.assert_array_equal(first[0], pairs[:20])
+    np.testing.assert_array_equal(first[2], ids[:20])
+
+
+def test_bad_input_names_the_file(seqs: Path, tmp_path: Path) -> None:
+    d = write_hpatches_layout(tmp_path / "s")
+    (d / "H_1_3").unlink()
+    with pytest.raises(SourceError, match=r"s/H_1_3: homography file not found"):
+        sequence_pairs(d)
+    with pytest.raises(SourceError, match=r"s/H_1_3: homography file not found"):
+        sequence_to_shards(d, tmp_path / "o", progress=False)
+    (d / "H_1_3").write_text("1 0 0\n0 1 x\n0 0 1\n")
+    with pytest.raises(SourceError, match=r"s/H_1_3: expected 9 numbers"):
+        sequence_pairs(d)
+    (d / "H_1_3").write_text("1 0 0\n0 1 0\n")
+    with pytest.raises(SourceError, match=r"s/H_1_3: expected 9 finite numbers"):
+        sequence_pairs(d)
+    with pytest.raises(SourceError, match=r"s/5.ppm: target image 5 not found"):
+        sequence_pairs(d, targets=[2, 5])
+    with pytest.raises(SourceError, match="not an image sequence"):
+        open_sequence(seqs)
+    with pytest.raises(SourceError, match="notes: neither an image sequence"):
+        sequence_pairs(seqs / "notes")
+    with pytest.raises(SourceError, match="notes: neither an image sequence"):
+        find_sequences(seqs / "notes")
+    with pytest.raises(ValueError, match="eval_dirs"):
+        sequence_to_shards(seqs / "hp_a", tmp_path / "o", split="both", progress=False)
+    with pytest.raises(SourceError, match="only 3 positive correspondences|positive correspondences"):
+        sequence_pairs(seqs / "hp_a", n_pairs=10**6, max_keypoints=50)
+
+
+@pytest.fixture(scope="module")
+def graf_pairs():
+    if not (GRAF / "img1.png").is_file():
+        pytest.skip(f"{GRAF} not available")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in GRAF.iterdir())
+    out = sequence_pairs(GRAF, max_keypoints=800, seed=0)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in GRAF.iterdir()) == before  # read only
+    return out
+
+
+def test_real_graf_sequence(graf_pairs) -> None:
+    pairs, labels, ids = graf_pairs
+    n = len(labels)
+    assert pairs.shape == (n, 2, 32, 32) and pairs.dtype == np.uint8
+    assert labels.sum() * 2 == n and 1500 < n < 5 * 2 * 800  # up to 5 targets x kept keypoints, x2 for negatives
+    np.testing.assert_array_equal(ids[:, 0] == ids[:, 1], labels == 1)
+    assert ids.min() >= 0 and ids.max() < 800
+    assert pairs.std() > 25  # real texture
+    d = np.sqrt(((pairs[:, 0].astype(np.float64) - pairs[:, 1]) ** 2).sum((1, 2)))
+    pos, neg = d[labels == 1], d[labels == 0]
+    assert np.median(pos) < 0.6 * np.median(neg), (np.median(pos), np.median(neg))
+
+    import kornia.feature as KF
+
+    sift = KF.SIFTDescriptor(32, rootsift=True)
+    with torch.no_grad():
+        a, b = (sift(torch.from_numpy(pairs[:, i]).float()[:, None] / 255) for i in (0, 1))
+    ds = (a - b).norm(dim=1).numpy()
+    rng = np.random.default_rng(0)
+    p, q = rng.choice(ds[labels == 1], 5000), rng.choice(ds[labels == 0], 5000)
+    assert (p < q).mean() > 0.85  # SIFT ranks real positives above negatives (ROC AUC)
