@@ -24,24 +24,97 @@ def _load(args) -> "Config":  # noqa: F821
 
 
 def cmd_shards(args) -> int:
-    from pipeline.data.synthetic import generate_synthetic
+    common = dict(patch_size=args.patch_size, pairs_per_block=args.pairs_per_block,
+                  blocks_per_shard=args.blocks_per_shard, seed=args.seed)
+    t0 = time.perf_counter()
+    if args.source == "synthetic":
+        from pipeline.data.synthetic import generate_synthetic
+
+        manifest = generate_synthetic(args.out, train_pairs=args.train_pairs, eval_pairs=args.eval_pairs, **common)
+    elif args.source == "phototour":
+        from pipeline.data.phototour import phototour_to_shards
+
+        manifest = phototour_to_shards(args.root, args.out, split=args.split, train_pairs=args.train_pairs,
+                                       match_file=args.match_file, eval_root=args.eval_root, **common)
+    elif args.source == "hpatches":
+        from pipeline.data.hpatches import hpatches_to_shards
+
+        manifest = hpatches_to_shards(args.root, args.out, split=args.split, split_name=args.split_name,
+                                      difficulties=args.difficulties, train_pairs=args.train_pairs,
+                                      eval_pairs=args.eval_pairs, splits_json=args.splits_json, **common)
+    else:
+        from pipeline.data.sequences import sequence_to_shards
+
+        manifest = sequence_to_shards(args.roots, args.out, split=args.split, eval_dirs=args.eval_dirs,
+                                      pairs_per_sequence=args.pairs_per_sequence, **common)
+    counts = ", ".join(f"{v['pairs']} {k} pairs in {len(v['shards'])} shard(s)" for k, v in manifest["splits"].items())
+    print(f"[patchflow] wrote {counts} to {Path(args.out).resolve()} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _load_model(spec: str):
+    """An MLflow model URI (models:/name@alias, runs:/...) or a training checkpoint folder."""
+    if Path(spec).is_dir():
+        from pipeline.train import model_from_checkpoint
+
+        return model_from_checkpoint(spec)[0]
+    from pipeline.registry import load_descriptor
+
+    return load_descriptor(spec)
+
+
+def bootstrap_interval(distances, labels, metric, n: int = 200, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of ``metric`` over the pairs (resampled with replacement)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(labels), len(labels))
+        if 0 < labels[idx].sum() < len(idx):
+            values.append(metric(distances[idx], labels[idx]))
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def cmd_evaluate(args) -> int:
+    """FPR95 and AP of each model and of kornia's SIFT on real pairs from an image sequence."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data.sequences import sequence_pairs
+    from pipeline.evaluate import SiftBaseline, pair_distances
+    from pipeline.metrics import average_precision, fpr_at_95_recall
+    from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
 
     t0 = time.perf_counter()
-    manifest = generate_synthetic(
-        args.out,
-        train_pairs=args.train_pairs,
-        eval_pairs=args.eval_pairs,
-        patch_size=args.patch_size,
-        pairs_per_block=args.pairs_per_block,
-        blocks_per_shard=args.blocks_per_shard,
-        seed=args.seed,
-    )
-    splits = manifest["splits"]
-    print(
-        f"[patchflow] wrote {splits['train']['pairs']} train / {splits['eval']['pairs']} eval pairs in "
-        f"{len(splits['train']['shards'])} + {len(splits['eval']['shards'])} shards to {Path(args.out).resolve()} "
-        f"({time.perf_counter() - t0:.1f} s)"
-    )
+    pairs, labels, _ = sequence_pairs(args.images, n_pairs=args.pairs, seed=args.seed, progress=True)
+    models = {"sift (kornia)": SiftBaseline(pairs.shape[-1])}
+    for spec in args.model or []:
+        models[spec] = _load_model(spec)
+    rows = [("model", "FPR95", "95% interval", "AP")]
+    results = {}
+    for name, model in models.items():
+        d = pair_distances(model, pairs)
+        fpr, ap = fpr_at_95_recall(d, labels), average_precision(d, labels)
+        lo, hi = bootstrap_interval(d, labels, fpr_at_95_recall, seed=args.seed)
+        results[name] = {"fpr95": fpr, "fpr95_low": lo, "fpr95_high": hi, "ap": ap}
+        rows.append((name, f"{fpr:.4f}", f"[{lo:.4f}, {hi:.4f}]", f"{ap:.4f}"))
+    print(f"\n{len(labels)} pairs ({int(labels.sum())} positive) from {args.images}, seed {args.seed}\n")
+    print(_table(rows))
+    if not args.no_mlflow:
+        uri = resolve_tracking_uri(None)
+        client = MlflowClient(uri)
+        run = client.create_run(get_or_create_experiment(client, args.experiment),
+                                run_name=f"evaluate-{Path(args.images).name}", tags={"patchflow.kind": "evaluation"})
+        logger = RunLogger(uri, run.info.run_id)
+        logger.params({"images": str(Path(args.images).resolve()), "pairs": len(labels), "seed": args.seed,
+                       "models": ",".join(models)})
+        for i, (name, values) in enumerate(results.items()):
+            key = "sift" if name.startswith("sift") else f"model{i}"
+            logger.metrics({f"{key}/{k}": v for k, v in values.items()}, step=0)
+            logger.tags({f"{key}.name": name})
+        client.set_terminated(run.info.run_id, "FINISHED")
+        print(f"\nMLflow evaluation run {run.info.run_id} at {uri}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -78,40 +151,61 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def cmd_sweep(args) -> int:
-    from pipeline.data.shards import shard_paths
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import ConfigError, load_sweep, parse_overrides
     from pipeline.data.stream import load_pairs
     from pipeline.evaluate import SiftBaseline, evaluate_pairs
     from pipeline.registry import register_checkpoint
     from pipeline.tracking import resolve_tracking_uri
-    from pipeline.tune import run_sweep
+    from pipeline.train import preflight
+    from pipeline.tune import effect_of, new_sweep_id, run_sweep, start_parent_run
 
     t0 = time.perf_counter()
-    cfg = _load(args)
-    if cfg.sweep is None:
-        from pipeline.config import ConfigError
-
+    configs = load_sweep(args.config, parse_overrides(args.set or []))
+    if configs[0].sweep is None:
         raise ConfigError(f"{args.config}: sweep: required section is missing (search_space, num_samples, ...)")
-    result = run_sweep(cfg)
-    best = result.best
-    print(f"[patchflow] best trial {best.trial_id} {best.params}: eval FPR95 {best.best_fpr95:.4f}")
-    if args.no_register:
-        return 0
-    pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
-    reg = register_checkpoint(cfg, best.checkpoint_path, best.mlflow_run_id, sweep_id=result.sweep_id, eval_pairs=(pairs, labels))
+    for cfg in configs:  # every architecture's data problems surface before the first trial starts
+        preflight(cfg)
+    first = configs[0]
+    sweep_id = new_sweep_id()
+    parent_id = start_parent_run(first, sweep_id, configs)
+    eval_urls = preflight(first)["eval"]
+    pairs, labels, _ = load_pairs(eval_urls, first.data.eval_pairs)
+    rows = [("architecture", "best config", "eval FPR95", "MLflow run id", "model version", "alias")]
+    for cfg in configs:
+        result = run_sweep(cfg, sweep_id=sweep_id, parent_run_id=parent_id)
+        best = result.best
+        params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in best.params.items()) or "defaults"
+        print(f"[patchflow] {cfg.model.arch}: best trial {best.trial_id} ({params}): eval FPR95 {best.best_fpr95:.4f}")
+        if "loss.mc_mu" in cfg.sweep.search_space:
+            effect = [("MC-Loss mu", "best eval FPR95", "trials")]
+            effect += [(f"{mu:g}" + (" (off)" if mu == 0 else ""), f"{fpr:.4f}", str(n)) for mu, fpr, n in effect_of(result.trials, "loss.mc_mu")]
+            print(f"\n{cfg.model.arch}: effect of the MC-Loss diversity term\n{_table(effect)}\n")
+        if args.no_register:
+            rows.append((cfg.model.arch, params, f"{best.best_fpr95:.4f}", best.mlflow_run_id or "", "-", "-"))
+            continue
+        reg = register_checkpoint(cfg, best.checkpoint_path, best.mlflow_run_id, sweep_id=sweep_id, eval_pairs=(pairs, labels))
+        alias = "champion" if reg.promoted else f"challenger (champion: v{reg.champion_version})"
+        rows.append((cfg.model.arch, params, f"{reg.fpr95:.4f}", reg.run_id, f"{reg.model_name} v{reg.version}", alias))
     sift = evaluate_pairs(SiftBaseline(pairs.shape[-1]), pairs, labels)["eval_fpr95"]
-    rows = [
-        ("architecture", "eval FPR95", "SIFT FPR95", "MLflow run id", "model version", "alias"),
-        (cfg.model.arch, f"{reg.fpr95:.4f}", f"{sift:.4f}", reg.run_id, f"{reg.model_name} v{reg.version}",
-         "champion" if reg.promoted else f"challenger (champion: v{reg.champion_version})"),
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print()
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    print(f"\n(on {len(labels)} eval pairs; sweep {result.sweep_id}; MLflow {resolve_tracking_uri(cfg.mlflow.tracking_uri)}; "
+    rows.append(("sift (kornia)", "untrained baseline", f"{sift:.4f}", "-", "-", "-"))
+    table = _table(rows)
+    print("\n" + table)
+    uri = resolve_tracking_uri(first.mlflow.tracking_uri)
+    client = MlflowClient(uri)
+    client.log_text(parent_id, table + "\n", "leaderboard.txt")
+    client.log_metric(parent_id, "sift/eval_fpr95", sift)
+    client.set_terminated(parent_id, "FINISHED")
+    print(f"\n(on {len(labels)} eval pairs; sweep {sweep_id}; MLflow {uri}, parent run {parent_id}; "
           f"{time.perf_counter() - t0:.0f} s)")
     return 0
 
@@ -123,14 +217,43 @@ def build_parser() -> argparse.ArgumentParser:
     shards = sub.add_parser("shards", help="write WebDataset shards of patch pairs")
     source = shards.add_subparsers(dest="source", required=True)
     syn = source.add_parser("synthetic", help="pairs from scikit-image's bundled photos under random homographies")
-    syn.add_argument("--out", required=True, type=Path)
     syn.add_argument("--train-pairs", type=int, default=20000)
     syn.add_argument("--eval-pairs", type=int, default=4000)
-    syn.add_argument("--patch-size", type=int, default=32)
-    syn.add_argument("--pairs-per-block", type=int, default=256)
-    syn.add_argument("--blocks-per-shard", type=int, default=8)
-    syn.add_argument("--seed", type=int, default=0)
-    syn.set_defaults(func=cmd_shards)
+    pt = source.add_parser("phototour", help="UBC PhotoTour: a folder of patchesNNNN.bmp + info.txt + m50 files, or torchvision's .pt")
+    pt.add_argument("root", type=Path)
+    pt.add_argument("--split", choices=["train", "eval", "both"], default="both")
+    pt.add_argument("--train-pairs", type=int, default=500_000)
+    pt.add_argument("--match-file", help="m50_*.txt naming the eval pairs (default: m50_100000_100000_0.txt)")
+    pt.add_argument("--eval-root", type=Path, help="take eval pairs from another scene (e.g. train liberty, eval notredame)")
+    hp = source.add_parser("hpatches", help="HPatches release: hpatches-release/<seq>/{ref,e*,h*,t*}.png")
+    hp.add_argument("root", type=Path)
+    hp.add_argument("--split", choices=["train", "eval", "both"], default="both")
+    hp.add_argument("--split-name", choices=["a", "b", "c", "illum", "view", "full"], default="a")
+    hp.add_argument("--difficulties", default="eht")
+    hp.add_argument("--train-pairs", type=int)
+    hp.add_argument("--eval-pairs", type=int)
+    hp.add_argument("--splits-json", type=Path)
+    im = source.add_parser("images", help="image sequences with homographies (HPatches 1..6.ppm + H_1_k, Oxford img1..6 + H1toKp)")
+    im.add_argument("roots", type=Path, nargs="+")
+    im.add_argument("--split", choices=["train", "eval", "both"], default="eval")
+    im.add_argument("--eval-dirs", type=Path, nargs="*")
+    im.add_argument("--pairs-per-sequence", type=int)
+    for p in (syn, pt, hp, im):
+        p.add_argument("--out", required=True, type=Path)
+        p.add_argument("--patch-size", type=int, default=32)
+        p.add_argument("--pairs-per-block", type=int, default=256)
+        p.add_argument("--blocks-per-shard", type=int, default=8)
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=cmd_shards)
+
+    ev = sub.add_parser("evaluate", help="FPR95 / AP of models and SIFT on real pairs from an image sequence")
+    ev.add_argument("--images", required=True, type=Path, help="sequence folder: img1..6 + H1toKp, or 1..6.ppm + H_1_k")
+    ev.add_argument("--model", action="append", help="models:/patchflow-hardnet@champion, runs:/..., or a checkpoint folder")
+    ev.add_argument("--pairs", type=int, help="pairs per sequence (default: all detected)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--experiment", default="patchflow-evaluation")
+    ev.add_argument("--no-mlflow", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
 
     for name, func, text in (("train", cmd_train, "train one model with Ray Train"), ("sweep", cmd_sweep, "Ray Tune sweep, then register the best model")):
         p = sub.add_parser(name, help=text)
@@ -139,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             p.add_argument("--no-register", action="store_true", help="skip registration / champion gating")
         p.set_defaults(func=func)
+
+    from pipeline.submit import add_parsers  # `patchflow submit` / `patchflow jobs`: Ray Jobs on a cluster
+
+    add_parsers(sub)
     return parser
 
 

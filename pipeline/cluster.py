@@ -36,17 +36,31 @@ def pin_cluster_address() -> None:
     atexit.register(restore)
 
 
+def _running_cluster() -> str | None:
+    """The cluster a plain ``ray.init()`` would join: one started with ``ray start`` and recorded
+    in Ray's current-cluster file, if its GCS is still running (a stale file is removed)."""
+    from ray._private.services import find_gcs_addresses
+    from ray._private.utils import get_ray_address_file, read_ray_address
+
+    recorded = read_ray_address()
+    if recorded and recorded in find_gcs_addresses():
+        return recorded
+    if recorded:
+        os.remove(get_ray_address_file(None))  # left by a Ray that died without cleaning up
+    return None
+
+
 def init_ray(address: str | None = None) -> None:
-    """Join ``address`` / $RAY_ADDRESS when given; otherwise start a local Ray with this
-    machine's CPUs and one trial slot per CPU (see ``pipeline.tune`` for why)."""
+    """Join ``address`` / $RAY_ADDRESS / a running ``ray start`` cluster; otherwise start a local
+    Ray with this machine's CPUs and one trial slot per CPU (see ``pipeline.tune`` for why)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address:
         ray.init(address=address)
         return
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, resources={TRIAL_SLOT: cpus}, include_dashboard=True, log_to_driver=True)
+    ray.init(address="local", num_cpus=cpus, resources={TRIAL_SLOT: cpus}, include_dashboard=True, log_to_driver=True)
     pin_cluster_address()

@@ -8,6 +8,7 @@ load time: Ray workers run in Ray's session folder, so they only ever see absolu
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -107,7 +108,10 @@ class RunConfig(_Strict):
 class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     experiment: str = "patchflow"
-    registered_model: str = "patchflow-hardnet"
+    registered_model: str = Field("patchflow-{arch}", description="registry name; {arch} is filled in")
+
+    def model_name(self, arch: str) -> str:
+        return self.registered_model.format(arch=arch)
 
 
 class SearchDomain(_Strict):
@@ -143,7 +147,21 @@ class SearchDomain(_Strict):
         return []
 
 
+class ArchitectureSweep(_Strict):
+    """One architecture of a multi-architecture sweep: its defaults and search space come from
+    ``configs/models/<arch>.yaml``; anything here overrides them."""
+
+    search_space: dict[str, SearchDomain] | None = Field(None, description="None = the model file's space")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys for this architecture")
+    num_samples: int | None = Field(None, ge=1)
+    workers_per_trial: int | None = Field(None, ge=1)
+
+
 class SweepConfig(_Strict):
+    architectures: dict[str, ArchitectureSweep] | None = Field(
+        None, description="several architectures, each its own Tune run; None = just model.arch"
+    )
+    models_dir: str = Field("../models", description="folder of <arch>.yaml model files, relative to this config")
     num_samples: int = Field(4, ge=1, description="samples of the space; with grid keys, repeats of the whole grid")
     search_space: dict[str, SearchDomain] = Field(default_factory=dict, description="dotted config key -> domain")
     workers_per_trial: int = Field(1, ge=1)
@@ -304,6 +322,51 @@ def load_config(
     if problems:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(f"  {source}: {p}" for p in problems))
     return cfg
+
+
+def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None, **available) -> list[Config]:
+    """A sweep config -> one validated Config per architecture, in file order.
+
+    Precedence, lowest first: ``<models_dir>/<arch>.yaml`` (model, loss, train, search space) <
+    this file's sections < ``sweep.architectures.<arch>.overrides`` < ``--set`` overrides.
+    Without ``sweep.architectures`` it is ``[load_config(path, overrides)]``.
+    """
+    source = str(path)
+    cfg = load_config(path, overrides, **available)
+    if cfg.sweep is None or not cfg.sweep.architectures:
+        return [cfg]
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    raw = _with_base(raw, Path(path), source)
+    models_dir = (Path(path).parent / cfg.sweep.models_dir).resolve()
+    configs = []
+    for arch, spec in cfg.sweep.architectures.items():
+        model_file = models_dir / f"{arch}.yaml"
+        if not model_file.is_file():
+            raise ConfigError(f"{source}: sweep.architectures.{arch}: expected a model file {model_file}")
+        base = yaml.safe_load(model_file.read_text()) or {}
+        space = base.pop("search_space", None) or {}
+        own = copy.deepcopy({k: v for k, v in raw.items() if k != "model"})
+        merged = _deep_merge({k: v for k, v in base.items() if v is not None}, own)
+        merged["model"] = _deep_merge(base.get("model") or {}, {"arch": arch})
+        sweep = merged["sweep"]
+        sweep.pop("architectures")
+        sweep["search_space"] = spec.model_dump(mode="json")["search_space"] if spec.search_space is not None else space
+        for key in ("num_samples", "workers_per_trial"):
+            if getattr(spec, key) is not None:
+                sweep[key] = getattr(spec, key)
+        for key, value in {**spec.overrides, **(overrides or {})}.items():
+            _set_dotted(merged, key, value)
+        where = f"{source} (sweep.architectures.{arch} over {model_file.name})"
+        try:
+            arch_cfg = _resolve_paths(Config.model_validate(merged), Path.cwd())
+        except ValidationError as e:
+            raise ConfigError(_format_errors(where, e)) from None
+        problems = check_config(arch_cfg, available.get("available_cpus"), available.get("available_gpus"))
+        if problems:
+            raise ConfigError(f"{where}: invalid configuration\n" + "\n".join(f"  {where}: {p}" for p in problems))
+        configs.append(arch_cfg)
+    return configs
 
 
 def check_config(cfg: Config, available_cpus: int | None = None, available_gpus: int | None = None) -> list[str]:

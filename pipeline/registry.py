@@ -86,8 +86,8 @@ def register_checkpoint(
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    name = cfg.mlflow.registered_model
     model, trained_cfg = model_from_checkpoint(checkpoint_path)
+    name = cfg.mlflow.model_name(trained_cfg.model.arch)
     if eval_pairs is None:
         pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
     else:
@@ -114,6 +114,7 @@ def register_checkpoint(
         "git_commit": _git_commit(),
         "input_size": str(model.input_size),
         "descriptor_dim": str(model.descriptor_dim),
+        "pca_dim": str(getattr(model, "pca_dim", None)),
         "checkpoint": checkpoint_path,
     }
     for key, value in tags.items():

@@ -56,6 +56,16 @@ class SweepResult:
         return min(done, key=lambda t: t.best_fpr95)
 
 
+def effect_of(trials: list[TrialOutcome], key: str) -> list[tuple[Any, float, int]]:
+    """(value, best eval FPR95, trials) for each value of a searched key, e.g. ``loss.mc_mu``:
+    the with / without comparison for an auxiliary loss."""
+    by_value: dict[Any, list[float]] = {}
+    for t in trials:
+        if key in t.params and not math.isnan(t.best_fpr95):
+            by_value.setdefault(t.params[key], []).append(t.best_fpr95)
+    return [(value, min(fprs), len(fprs)) for value, fprs in sorted(by_value.items())]
+
+
 def _domain(d: SearchDomain):
     from ray import tune
 
@@ -108,7 +118,8 @@ def _trial(
     run = client.create_run(
         experiment_id,
         run_name=ctx.get_trial_name(),
-        tags={"mlflow.parentRunId": parent_run_id, "patchflow.sweep_id": sweep_id, "patchflow.trial_id": trial_id},
+        tags={"mlflow.parentRunId": parent_run_id, "patchflow.sweep_id": sweep_id, "patchflow.trial_id": trial_id,
+              "patchflow.arch": cfg.model.arch},
     )
     run_id = run.info.run_id
     logger = RunLogger(tracking_uri, run_id)
@@ -150,30 +161,47 @@ def _outcome(result, mlflow_runs: dict[str, str]) -> TrialOutcome:
     )
 
 
-def run_sweep(cfg: Config, *, sweep_id: str | None = None) -> SweepResult:
+def new_sweep_id() -> str:
+    return f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def start_parent_run(cfg: Config, sweep_id: str, configs: list[Config]) -> str:
+    """One MLflow parent run per sweep, holding every architecture's validated config."""
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
+    parent = client.create_run(experiment_id, run_name=sweep_id, tags={"patchflow.sweep_id": sweep_id, "patchflow.kind": "sweep"})
+    client.log_dict(parent.info.run_id, {c.model.arch: c.model_dump(mode="json") for c in configs}, "sweep_config.json")
+    RunLogger(tracking_uri, parent.info.run_id).params({"architectures": ",".join(c.model.arch for c in configs)})
+    return parent.info.run_id
+
+
+def run_sweep(cfg: Config, *, sweep_id: str | None = None, parent_run_id: str | None = None) -> SweepResult:
+    """One architecture's Tune run. Without ``parent_run_id`` it is a sweep of its own (its
+    parent run is created and closed here); with one, it is that sweep's part for ``model.arch``."""
     from mlflow.tracking import MlflowClient
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     sweep = cfg.sweep or SweepConfig()
+    arch = cfg.model.arch
     shard_urls = preflight(cfg)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
-    sweep_id = sweep_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    sweep_id = sweep_id or new_sweep_id()
+    owns_parent = parent_run_id is None
+    parent_id = start_parent_run(cfg, sweep_id, [cfg]) if owns_parent else parent_run_id
+    parent_log = RunLogger(tracking_uri, parent_id)
 
     init_ray()
     resources = ray.cluster_resources()
     concurrent = max_concurrent_trials(sweep, cfg, resources)
-    parent = client.create_run(
-        experiment_id, run_name=sweep_id, tags={"patchflow.sweep_id": sweep_id, "patchflow.kind": "sweep"}
-    )
-    parent_id = parent.info.run_id
-    parent_log = RunLogger(tracking_uri, parent_id)
-    parent_log.params(cfg.model_dump(mode="json"))
-    client.log_dict(parent_id, cfg.model_dump(mode="json"), "sweep_config.json")
-    print(f"[patchflow] sweep {sweep_id}: {sweep.num_samples} trial(s), {concurrent} at a time, "
+    n_trials = sweep.num_samples * math.prod(len(d.grid) for d in sweep.search_space.values() if d.grid is not None)
+    print(f"[patchflow] sweep {sweep_id} / {arch}: {n_trials} trial(s), {concurrent} at a time, "
           f"{sweep.workers_per_trial} worker(s) each; MLflow parent run {parent_id}", flush=True)
 
     trial_resources = {"cpu": 0, TRIAL_SLOT: 1} if TRIAL_SLOT in resources else {"cpu": 0}
@@ -204,7 +232,7 @@ def run_sweep(cfg: Config, *, sweep_id: str | None = None) -> SweepResult:
             num_samples=sweep.num_samples,
             max_concurrent_trials=concurrent,
         ),
-        run_config=tune.RunConfig(name=sweep_id, storage_path=str(cfg.run.storage_path), verbose=1),
+        run_config=tune.RunConfig(name=f"{sweep_id}-{arch}", storage_path=str(cfg.run.storage_path), verbose=1),
     )
     try:
         grid = tuner.fit()
@@ -213,7 +241,9 @@ def run_sweep(cfg: Config, *, sweep_id: str | None = None) -> SweepResult:
         raise
 
     children = client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`patchflow.arch` = '{arch}'",
+        max_results=1000,
     )
     mlflow_runs = {r.data.tags.get("patchflow.trial_id"): r.info.run_id for r in children}
     trials = [_outcome(r, mlflow_runs) for r in grid]
@@ -226,8 +256,9 @@ def run_sweep(cfg: Config, *, sweep_id: str | None = None) -> SweepResult:
     ok = [t for t in trials if not math.isnan(t.best_fpr95)]
     if ok:
         best = result.best
-        parent_log.metrics({"best_eval_fpr95": best.best_fpr95, "trials_finished": len(ok)}, step=0)
-        parent_log.tags({"patchflow.best_trial": best.trial_id, "patchflow.best_run_id": best.mlflow_run_id or ""})
-    client.log_dict(parent_id, {"trials": [t.__dict__ for t in trials]}, "leaderboard.json")
-    client.set_terminated(parent_id, "FINISHED" if ok else "FAILED")
+        parent_log.metrics({f"{arch}/best_eval_fpr95": best.best_fpr95, f"{arch}/trials_finished": len(ok)}, step=0)
+        parent_log.tags({f"patchflow.{arch}.best_trial": best.trial_id, f"patchflow.{arch}.best_run_id": best.mlflow_run_id or ""})
+    client.log_dict(parent_id, {"trials": [t.__dict__ for t in trials]}, f"trials/{arch}.json")
+    if owns_parent:
+        client.set_terminated(parent_id, "FINISHED" if ok else "FAILED")
     return result

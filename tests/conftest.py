@@ -17,7 +17,7 @@ def ray_cluster():
 
     from pipeline.cluster import TRIAL_SLOT, pin_cluster_address
 
-    ray.init(num_cpus=2, resources={TRIAL_SLOT: 2}, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, resources={TRIAL_SLOT: 2}, log_to_driver=True)
     pin_cluster_address()  # other Ray instances (tests/test_jobs.py's head) must not confuse its internals
     yield ray
     ray.shutdown()

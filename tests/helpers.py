@@ -11,7 +11,7 @@ def small_config(shards, tmp_path, tracking_uri, **sections) -> Config:
         "train": {"epochs": 2, "batch_size": 32, "batches_per_epoch": 5, "lr": 0.05},
         "scaling": {"num_workers": 2},
         "run": {"storage_path": str(tmp_path / "runs")},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": "test", "registered_model": "patchflow-test"},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "test", "registered_model": "test-{arch}"},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)

@@ -16,7 +16,7 @@ from pipeline.data.stream import load_pairs
 from pipeline.evaluate import evaluate_pairs
 from pipeline.registry import register_checkpoint
 from pipeline.train import METRIC, model_from_checkpoint, save_state
-from pipeline.tune import run_sweep
+from pipeline.tune import effect_of, run_sweep
 from helpers import small_config
 
 
@@ -28,7 +28,7 @@ def sweep_run(ray_cluster, synthetic_shards, tmp_path_factory):
         synthetic_shards, tmp, uri,
         train={"epochs": 2, "batches_per_epoch": 4},
         sweep={"num_samples": 1, "workers_per_trial": 1, "grace_period": 2,
-               "search_space": {"loss.margin": {"grid": [0.5, 1.0]}, "train.batch_size": {"choice": [16, 32]}}},
+               "search_space": {"loss.mc_mu": {"grid": [0.0, 0.1]}, "train.batch_size": {"choice": [16, 32]}}},
     )
     return cfg, run_sweep(cfg), uri, tmp
 
@@ -42,13 +42,16 @@ def test_sweep_logs_a_parent_with_one_child_per_trial(sweep_run):
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert {c.info.run_id for c in children} == {t.mlflow_run_id for t in result.trials}
     for child, trial in ((c, next(t for t in result.trials if t.mlflow_run_id == c.info.run_id)) for c in children):
-        assert float(child.data.params["loss.margin"]) == trial.params["loss.margin"]  # params = validated config
+        assert float(child.data.params["loss.mc_mu"]) == trial.params["loss.mc_mu"]  # params = validated config
         assert int(child.data.params["train.batch_size"]) == trial.params["train.batch_size"]
         history = client.get_metric_history(child.info.run_id, METRIC)
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         assert min(m.value for m in history) == pytest.approx(trial.best_fpr95)
     best = result.best
     assert best.best_fpr95 == min(t.best_fpr95 for t in result.trials)
+    effect = effect_of(result.trials, "loss.mc_mu")  # the with / without MC-Loss table
+    assert [(mu, n) for mu, _, n in effect] == [(0.0, 1), (0.1, 1)]
+    assert {fpr for _, fpr, _ in effect} == {t.best_fpr95 for t in result.trials}
     assert Path(best.checkpoint_path).is_dir()
 
 
@@ -61,7 +64,7 @@ def test_registration_loads_back_and_gates_the_champion(sweep_run):
 
     # The registered model reproduces the trained module's descriptors and behaves like kornia's HardNet.
     trained, _ = model_from_checkpoint(best.checkpoint_path)
-    loaded = load_descriptor(f"models:/{cfg.mlflow.registered_model}@champion", tracking_uri=uri)
+    loaded = load_descriptor(f"models:/{first.model_name}@champion", tracking_uri=uri)
     assert not loaded.training
     x = torch.rand(16, 1, 32, 32)
     out = loaded(x)
@@ -71,7 +74,7 @@ def test_registration_loads_back_and_gates_the_champion(sweep_run):
     assert first.fpr95 == pytest.approx(evaluate_pairs(trained, pairs, labels)[METRIC])
 
     client = MlflowClient(uri)
-    version = client.get_model_version(cfg.mlflow.registered_model, first.version)
+    version = client.get_model_version(first.model_name, first.version)
     assert version.tags["architecture"] == "hardnet" and version.tags["sweep_id"] == result.sweep_id
     assert len(version.tags["data_manifest_sha256"]) == 64
 
@@ -88,5 +91,5 @@ def test_registration_loads_back_and_gates_the_champion(sweep_run):
     second = register_checkpoint(cfg, str(worse_dir), best.mlflow_run_id, sweep_id="manual")
     assert second.fpr95 == 1.0 and not second.promoted
     assert second.champion_fpr95 == pytest.approx(first.fpr95)  # recomputed, equal to the champion's own figure
-    aliases = {a: str(client.get_model_version_by_alias(cfg.mlflow.registered_model, a).version) for a in ("champion", "challenger")}
+    aliases = {a: str(client.get_model_version_by_alias(first.model_name, a).version) for a in ("champion", "challenger")}
     assert aliases == {"champion": first.version, "challenger": second.version}
