@@ -164,7 +164,7 @@ def cmd_sweep(args) -> int:
     from pipeline.config import ConfigError, load_sweep, parse_overrides
     from pipeline.data.stream import load_pairs
     from pipeline.evaluate import SiftBaseline, evaluate_pairs
-    from pipeline.registry import register_checkpoint
+    from pipeline.registry import promote, register_checkpoint
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.train import preflight
     from pipeline.tune import effect_of, new_sweep_id, run_sweep, start_parent_run
@@ -194,7 +194,8 @@ def cmd_sweep(args) -> int:
             rows.append((cfg.model.arch, params, f"{best.best_fpr95:.4f}", best.mlflow_run_id or "", "-", "-"))
             continue
         reg = register_checkpoint(cfg, best.checkpoint_path, best.mlflow_run_id, sweep_id=sweep_id, eval_pairs=(pairs, labels))
-        alias = "champion" if reg.promoted else f"challenger (champion: v{reg.champion_version})"
+        promo = promote(reg.model_name, pairs, labels, tracking_uri=cfg.mlflow.tracking_uri)
+        alias = "champion" if promo.promoted else f"challenger (champion: v{promo.current_champion})"
         rows.append((cfg.model.arch, params, f"{reg.fpr95:.4f}", reg.run_id, f"{reg.model_name} v{reg.version}", alias))
     sift = evaluate_pairs(SiftBaseline(pairs.shape[-1]), pairs, labels)["eval_fpr95"]
     rows.append(("sift (kornia)", "untrained baseline", f"{sift:.4f}", "-", "-", "-"))
@@ -207,6 +208,25 @@ def cmd_sweep(args) -> int:
     client.set_terminated(parent_id, "FINISHED")
     print(f"\n(on {len(labels)} eval pairs; sweep {sweep_id}; MLflow {uri}, parent run {parent_id}; "
           f"{time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data.shards import shard_paths
+    from pipeline.data.stream import load_pairs
+    from pipeline.registry import CHALLENGER, promote
+    from pipeline.tracking import resolve_tracking_uri
+
+    shards = args.shards
+    if shards is None:  # the eval shards the challenger was registered against
+        version = MlflowClient(resolve_tracking_uri(None)).get_model_version_by_alias(args.model, CHALLENGER)
+        shards = version.tags.get("data_shards")
+        if not shards:
+            raise SystemExit(f"patchflow: error: {args.model} v{version.version} has no data_shards tag; pass --shards DIR")
+    pairs, labels, _ = load_pairs(shard_paths(shards, "eval"), args.eval_pairs)
+    promote(args.model, pairs, labels, min_improvement=args.min_improvement, dry_run=args.dry_run)
     return 0
 
 
@@ -245,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--blocks-per-shard", type=int, default=8)
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=cmd_shards)
+
+    pr = sub.add_parser("promote", help="re-evaluate challenger vs champion on the same eval pairs; move champion if better")
+    pr.add_argument("--model", required=True, help="registered model name, e.g. patchflow-hardnet")
+    pr.add_argument("--shards", help="shard folder whose eval split decides (default: the challenger's data_shards tag)")
+    pr.add_argument("--eval-pairs", type=int, help="cap on eval pairs")
+    pr.add_argument("--min-improvement", type=float, default=0.0, help="required FPR95 reduction (absolute)")
+    pr.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
+    pr.set_defaults(func=cmd_promote)
 
     ev = sub.add_parser("evaluate", help="FPR95 / AP of models and SIFT on real pairs from an image sequence")
     ev.add_argument("--images", required=True, type=Path, help="sequence folder: img1..6 + H1toKp, or 1..6.ppm + H_1_k")

@@ -32,9 +32,21 @@ class Registration:
     version: str
     run_id: str
     fpr95: float
-    champion_version: str
-    champion_fpr95: float | None  # the previous champion's FPR95 on the same pairs (None: there was none)
+
+
+@dataclass
+class Promotion:
+    model_name: str
+    challenger_version: str
+    challenger_fpr95: float
+    champion_version: str | None  # before this promotion (None: there was none)
+    champion_fpr95: float | None  # re-evaluated on the same pairs
     promoted: bool
+    reason: str
+
+    @property
+    def current_champion(self) -> str:
+        return self.challenger_version if self.promoted else (self.champion_version or "")
 
 
 def _git_commit() -> str:
@@ -76,9 +88,10 @@ def register_checkpoint(
     *,
     sweep_id: str = "",
     eval_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> Registration:
-    """Log the checkpoint's model to ``run_id``, register a new version (alias ``challenger``),
-    and make it ``champion`` when there is none or it beats the champion on the same eval pairs."""
+    """Log the checkpoint's model to ``run_id`` and register it as a new version with alias
+    ``challenger`` (``promote`` decides about ``champion``)."""
     import mlflow
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
@@ -86,7 +99,8 @@ def register_checkpoint(
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    model, trained_cfg = model_from_checkpoint(checkpoint_path)
+    trained, trained_cfg = model_from_checkpoint(checkpoint_path)
+    model = trained if model is None else model.eval()  # e.g. the tower with a PCA head attached
     name = cfg.mlflow.model_name(trained_cfg.model.arch)
     if eval_pairs is None:
         pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
@@ -116,27 +130,72 @@ def register_checkpoint(
         "descriptor_dim": str(model.descriptor_dim),
         "pca_dim": str(getattr(model, "pca_dim", None)),
         "checkpoint": checkpoint_path,
+        "data_shards": str(cfg.data.shards),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
+    print(f"[patchflow] registered {name} v{version} (eval FPR95 {fpr:.4f}) as {CHALLENGER}", flush=True)
+    return Registration(name, version, run_id, fpr)
+
+
+def _version_by_alias(client, name: str, alias: str):
+    import mlflow
 
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
-        champion = None
-    champion_fpr = None
-    if champion is not None and str(champion.version) != version:
-        champion_model = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}", map_location="cpu")
-        champion_fpr = evaluate_pairs(champion_model, pairs, labels)[METRIC]
-    promoted = champion is None or (champion_fpr is not None and fpr < champion_fpr)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    champion_version = version if promoted else str(champion.version)
+        return None
+
+
+def promote(
+    model_name: str,
+    pairs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    min_improvement: float = 0.0,
+    dry_run: bool = False,
+    tracking_uri: str | None = None,
+) -> Promotion:
+    """Re-evaluate ``challenger`` and ``champion`` on the same pairs; move ``champion`` to the
+    challenger only when its FPR95 is lower by at least ``min_improvement`` (a model without a
+    champion gets one). Idempotent: a re-run finds challenger == champion and changes nothing;
+    no version is ever created here."""
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    challenger = _version_by_alias(client, model_name, CHALLENGER)
+    if challenger is None:
+        raise ValueError(f"{model_name}: no version has the alias {CHALLENGER!r}; register one first (patchflow sweep)")
+    champion = _version_by_alias(client, model_name, CHAMPION)
+
+    def fpr_of(alias: str) -> float:
+        model = mlflow.pytorch.load_model(f"models:/{model_name}@{alias}", map_location="cpu")
+        return evaluate_pairs(model, pairs, labels)[METRIC]
+
+    challenger_fpr = fpr_of(CHALLENGER)
+    challenger_version = str(challenger.version)
+    if champion is None:
+        promoted, champion_fpr, reason = True, None, "there was no champion"
+    elif str(champion.version) == challenger_version:
+        promoted, champion_fpr, reason = False, challenger_fpr, "the challenger is already the champion"
+    else:
+        champion_fpr = fpr_of(CHAMPION)
+        gain = champion_fpr - challenger_fpr
+        promoted = gain > 0 and gain >= min_improvement
+        reason = (f"FPR95 lower by {gain:.4f}" + (f" >= {min_improvement:g}" if promoted else f", needs > 0 and >= {min_improvement:g}"))
+    if promoted and not dry_run:
+        client.set_registered_model_alias(model_name, CHAMPION, challenger_version)
+    verb = ("would move" if dry_run else "moved") if promoted else "keeps"
+    target = f"v{challenger_version}" if promoted else (f"v{champion.version}" if champion else "none")
     print(
-        f"[patchflow] registered {name} v{version} (FPR95 {fpr:.4f}); champion "
-        + (f"was v{champion.version} at {champion_fpr:.4f} on the same pairs; " if champion_fpr is not None else "was none; ")
-        + (f"now v{version}" if promoted else f"stays v{champion_version}"),
+        f"[patchflow] {model_name}: challenger v{challenger_version} FPR95 {challenger_fpr:.4f} vs champion "
+        + (f"v{champion.version} {champion_fpr:.4f}" if champion is not None else "none")
+        + f" on {len(labels)} pairs -> {CHAMPION} {verb} {target} ({reason})",
         flush=True,
     )
-    return Registration(name, version, run_id, fpr, champion_version, champion_fpr, promoted)
+    return Promotion(model_name, challenger_version, challenger_fpr, str(champion.version) if champion else None,
+                     champion_fpr, promoted and not dry_run, reason)

@@ -36,3 +36,15 @@ def synthetic_shards(tmp_path_factory):
 @pytest.fixture
 def tracking_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` process for the whole run; yields its http:// tracking URI."""
+    from helpers import free_port, start_mlflow_server
+
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(30)

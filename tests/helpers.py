@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+
+from mlflow.tracking import MlflowClient
+
 from pipeline.config import Config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(folder, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1: SQLite backend, artifacts served by the server itself
+    (the way a team runs it); returns once it answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            MlflowClient(f"http://127.0.0.1:{port}").search_experiments()
+            return proc
+        except Exception:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
 
 
 def small_config(shards, tmp_path, tracking_uri, **sections) -> Config:
