@@ -11,7 +11,6 @@ and the MLflow run id, so a restart continues the same run at the same step.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import tempfile
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.data.shards import ShardError, load_manifest, shard_paths
+from pipeline.data.shards import ShardError, load_manifest, shard_paths, shard_sha256
 from pipeline.data.stream import check_shard_count, load_pairs, train_loader
 from pipeline.augment import fliprot, make_jitter
 from pipeline.device import plan_for
@@ -217,12 +216,11 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
             expected = {sh["name"]: sh["sha256"] for sh in manifest["splits"][split]["shards"]}
             good = []
             for path in paths:
-                with open(path, "rb") as f:
-                    actual = hashlib.file_digest(f, "sha256").hexdigest()
-                if actual == expected[Path(path).name]:
+                actual = shard_sha256(path)
+                if actual == expected[path.rsplit("/", 1)[-1]]:
                     good.append(path)
                     continue
-                problem = f"{path}: sha256 {actual} does not match the manifest's {expected[Path(path).name]}"
+                problem = f"{path}: sha256 {actual} does not match the manifest's {expected[path.rsplit('/', 1)[-1]]}"
                 if cfg.data.on_bad_checksum == "error":
                     raise ShardError(problem + " (set data.on_bad_checksum: skip to leave it out)")
                 log.warning("%s: shard left out", problem)

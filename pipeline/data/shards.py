@@ -346,13 +346,47 @@ def _manifest_path(shard_dir: str | os.PathLike) -> Path:
     return p if p.name == MANIFEST_NAME and not p.is_dir() else p / MANIFEST_NAME
 
 
+def is_remote(location: str | os.PathLike) -> bool:
+    """http(s)://, s3://, gs://, ... (anything but a local path or file://)."""
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+def _remote_manifest_url(location: str) -> str:
+    location = str(location).rstrip("/")
+    return location if location.endswith(MANIFEST_NAME) else f"{location}/{MANIFEST_NAME}"
+
+
+def open_remote(url: str):
+    """Open a remote file for reading through fsspec (http(s) built in; s3:// needs s3fs, gs:// gcsfs)."""
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def shard_sha256(location: str) -> str:
+    """sha256 of a local shard or of a remote one, streamed."""
+    h = hashlib.sha256()
+    with (open_remote(location) if is_remote(location) else open(location, "rb")) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_manifest(shard_dir: str | os.PathLike) -> dict:
-    """Read and check ``{shard_dir}/manifest.json`` (``shard_dir`` may also be the file itself)."""
-    path = _manifest_path(shard_dir)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ShardError(f"{path}: manifest not found (expected a shard directory written by write_manifest)") from None
+    """Read and check ``{shard_dir}/manifest.json`` (``shard_dir`` may also be the file itself, or a URL)."""
+    if is_remote(shard_dir):
+        path = _remote_manifest_url(str(shard_dir))
+        try:
+            with open_remote(path) as f:
+                text = f.read().decode("utf-8")
+        except Exception as e:
+            raise ShardError(f"{path}: manifest could not be fetched ({type(e).__name__}: {e})") from None
+    else:
+        path = _manifest_path(shard_dir)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ShardError(f"{path}: manifest not found (expected a shard directory written by write_manifest)") from None
     try:
         m = json.loads(text)
     except json.JSONDecodeError as e:
@@ -379,12 +413,16 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
 
 
 def shard_paths(shard_dir: str | os.PathLike, split: str) -> list[str]:
-    """Absolute paths of ``split``'s shards in manifest order; each must exist."""
+    """Absolute paths (or URLs, for a remote shard folder) of ``split``'s shards in manifest
+    order; local ones must exist."""
     m = load_manifest(shard_dir)
-    path = _manifest_path(shard_dir)
+    remote = is_remote(shard_dir)
+    path = _remote_manifest_url(str(shard_dir)) if remote else _manifest_path(shard_dir)
     entry = m["splits"].get(split)
     if not entry or not entry["shards"]:
         raise ShardError(f"{path}: split {split!r} is absent or has no shards (present: {sorted(m['splits'])})")
+    if remote:
+        return [f"{str(path).rsplit('/', 1)[0]}/{shard['name']}" for shard in entry["shards"]]
     out = []
     for shard in entry["shards"]:
         p = (path.parent / shard["name"]).resolve()

@@ -50,7 +50,17 @@ class SkipCounter:
 
 
 def shards_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
-    return urls[rank::world_size]
+    return [reader_url(u) for u in urls[rank::world_size]]
+
+
+def reader_url(url: str) -> str:
+    """What webdataset opens: local paths and http(s) (curl) as they are; object stores through
+    their CLIs streaming to stdout (webdataset's ``pipe:`` convention), so no SDK is needed."""
+    if url.startswith("s3://"):
+        return f"pipe:aws s3 cp --quiet {url} -"
+    if url.startswith("gs://"):
+        return f"pipe:gcloud storage cat {url}"
+    return url
 
 
 def check_shard_count(n_shards: int, world_size: int, loader_workers: int, split: str = "train") -> None:
@@ -221,7 +231,7 @@ def load_pairs(urls: list[str], limit: int | None = None) -> tuple[np.ndarray, n
     """Read a whole (eval) split in shard order: pairs uint8 (N,2,P,P), labels (N,), ids (N,2)."""
     skips = SkipCounter()
     dataset = wds.DataPipeline(
-        wds.SimpleShardList(urls),
+        wds.SimpleShardList([reader_url(u) for u in urls]),
         wds.tarfile_to_samples(handler=skips),
         lambda samples: decode_blocks(samples, skips),
     )
