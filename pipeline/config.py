@@ -42,7 +42,7 @@ class ModelConfig(_Strict):
 
     arch: str = "hardnet"
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
-    pca_dim: int | None = Field(None, ge=2, description="hardnet8: PCA output dimension, fitted after training")
+    pca_dim: int | None = Field(None, ge=2, description="embedding models: PCA head fitted on training descriptors")
     input_size: int | None = Field(None, ge=8)
     descriptor_dim: int | None = Field(None, ge=2)
     patch_size: int | None = Field(None, ge=8)
@@ -59,10 +59,29 @@ class ModelConfig(_Strict):
         for key in self.factory_kwargs():
             if key not in accepted:
                 raise ValueError(f"{key}: not an option of {self.arch!r} (its options: {', '.join(sorted(accepted)) or 'none'})")
+        if self.pca_dim is not None and "pca_dim" not in accepted:
+            model = _REGISTRY[self.arch]()
+            if getattr(model, "kind", "embedding") != "embedding" or not getattr(model, "trainable", True):
+                raise ValueError(f"pca_dim: {self.arch!r} is not a trainable embedding model; PCA does not apply")
+            if self.pca_dim > model.descriptor_dim:
+                raise ValueError(f"pca_dim: expected at most {model.descriptor_dim} ({self.arch}'s descriptor size), got {self.pca_dim}")
         return self
 
     def factory_kwargs(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if k != "arch" and v is not None}
+        """Keyword arguments for the model factory; ``pca_dim`` only where the model has its own
+        PCA head (HardNet8) — for the others the pipeline attaches one after training."""
+        import inspect
+
+        from pipeline.models import _REGISTRY
+
+        accepted = set(inspect.signature(_REGISTRY[self.arch]).parameters)
+        return {k: v for k, v in self.model_dump().items()
+                if k != "arch" and v is not None and (k != "pca_dim" or k in accepted)}
+
+    @property
+    def attached_pca_dim(self) -> int | None:
+        """The PCA dimension the pipeline attaches (None when the model handles PCA itself)."""
+        return self.pca_dim if self.pca_dim is not None and "pca_dim" not in self.factory_kwargs() else None
 
 
 class LossConfig(_Strict):

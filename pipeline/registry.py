@@ -128,7 +128,7 @@ def register_checkpoint(
         "git_commit": _git_commit(),
         "input_size": str(model.input_size),
         "descriptor_dim": str(model.descriptor_dim),
-        "pca_dim": str(getattr(model, "pca_dim", None)),
+        "pca_dim": str(getattr(model, "pca_dim", None) or trained_cfg.model.pca_dim),
         "checkpoint": checkpoint_path,
         "data_shards": str(cfg.data.shards),
     }

@@ -41,10 +41,13 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return create_model(cfg.model.arch, **cfg.model.factory_kwargs())
 
 
-def save_state(directory: Path, *, model, optimizer, epoch: int, step: int, mlflow_run_id: str | None, cfg: Config) -> None:
+def save_state(
+    directory: Path, *, model, optimizer, epoch: int, step: int, mlflow_run_id: str | None, cfg: Config, pca=None
+) -> None:
     torch.save(
         {
             "model": model.state_dict(),
+            "pca": pca,  # (components, mean) of an attached PCA head, or None
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "step": step,
@@ -60,10 +63,15 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, Config]:
+    """The trained model, with its PCA head attached when the run fitted one."""
+    from pipeline.pca import attach_pca
+
     state = load_state(checkpoint_dir)
     cfg = Config.model_validate(state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["model"])
+    if state.get("pca") is not None:
+        model = attach_pca(model, *state["pca"])
     return model.eval(), cfg
 
 
@@ -153,9 +161,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             n_batches += 1
         seconds = time.perf_counter() - t0
 
-        if rank == 0 and getattr(core, "pca_dim", None):
-            fit_model_pca(core, train_urls[:2], plan)
-        fpr = evaluate_pairs(core, eval_pairs, eval_labels, plan)[METRIC] if rank == 0 else 0.0
+        pca = None
+        eval_model = core
+        if rank == 0 and getattr(core, "pca_dim", None):  # the model's own PCA head (HardNet8)
+            core.set_pca(*fit_descriptor_pca(core, train_urls[:2], core.pca_dim, plan, method="embed"))
+        elif rank == 0 and cfg.model.attached_pca_dim:
+            from pipeline.pca import attach_pca
+
+            pca = fit_descriptor_pca(core, train_urls[:2], cfg.model.attached_pca_dim, plan)
+            eval_model = attach_pca(core, *pca)
+        fpr = evaluate_pairs(eval_model, eval_pairs, eval_labels, plan)[METRIC] if rank == 0 else 0.0
         # One collective: mean train loss over ranks, rank 0's FPR95 to everyone, skipped samples summed.
         shared = torch.tensor([loss_sum / max(1, n_batches), fpr if rank == 0 else 0.0, skipped], dtype=torch.float64)
         if world > 1 and dist.is_available() and dist.is_initialized():
@@ -178,22 +193,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             logger.metrics(metrics, step=epoch + 1)
             with tempfile.TemporaryDirectory() as tmp:
-                save_state(Path(tmp), model=core, optimizer=optimizer, epoch=epoch, step=step, mlflow_run_id=run_id, cfg=cfg)
+                save_state(Path(tmp), model=core, optimizer=optimizer, epoch=epoch, step=step, mlflow_run_id=run_id,
+                           cfg=cfg, pca=pca)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
 
 
-def fit_model_pca(model: torch.nn.Module, urls: list[str], plan, max_pairs: int = 2048) -> None:
-    """Fit a PCA head (HardNet8) on descriptors of training patches, as the HardNet8 recipe does."""
+def fit_descriptor_pca(model: torch.nn.Module, urls: list[str], dim: int, plan, method: str = "forward", max_pairs: int = 2048):
+    """(components, mean) of a PCA fitted on descriptors of training patches (HardNet8's recipe,
+    and the PCA head any embedding model can get with ``model.pca_dim``)."""
     from pipeline.evaluate import describe
     from pipeline.pca import fit_pca
 
     pairs, _, _ = load_pairs(urls, max_pairs)
     patches = pairs.reshape(-1, *pairs.shape[2:])
-    with torch.no_grad():
-        embedded = describe(model, patches, plan, method="embed")
-    model.set_pca(*fit_pca(embedded, model.pca_dim))
+    return fit_pca(describe(model, patches, plan, method=method), dim)
 
 
 def _maybe_fail(spec: dict | None, *, rank: int, epoch: int, step: int) -> None:

@@ -13,13 +13,14 @@ from pipeline.models import create_model, list_models
 from pipeline.train import METRIC, build_trainer, model_from_checkpoint
 
 TRAINABLE = [name for name in list_models() if create_model(name).trainable]
+PCA_HEADS = {"hardnet8", "l2net"}  # HardNet8's own PCA buffers, and one attached by the pipeline
 
 
 @pytest.mark.parametrize("arch", TRAINABLE)
 def test_architecture_trains_with_two_ddp_workers(arch, ray_cluster, synthetic_shards, tmp_path, tracking_uri):
     cfg = small_config(
         synthetic_shards, tmp_path, tracking_uri,
-        model={"arch": arch, **({"pca_dim": 32} if arch == "hardnet8" else {})},
+        model={"arch": arch, **({"pca_dim": 32} if arch in PCA_HEADS else {})},
         loss={"mc_mu": 0.1 if arch == "hardnet" else 0.0, "mc_xi": 4},  # one run covers the MC-Loss term
         data={"eval_pairs": 256},
         train={"epochs": 1, "batches_per_epoch": 3, "batch_size": 16, "lr": 0.01},
@@ -33,6 +34,6 @@ def test_architecture_trains_with_two_ddp_workers(arch, ray_cluster, synthetic_s
     params = {name for name, _ in create_model(arch, **cfg.model.factory_kwargs()).named_parameters()}
     assert params and all(torch.equal(r0[k], r1[k]) for k in params), "DDP let the ranks' weights diverge"
     model, _ = model_from_checkpoint(result.checkpoint.path)
-    assert model.descriptor_dim == (32 if arch == "hardnet8" else create_model(arch).descriptor_dim)
+    assert model.descriptor_dim == (32 if arch in PCA_HEADS else create_model(arch).descriptor_dim)
     x = torch.rand(4, 1, model.input_size, model.input_size)
     assert model(x).shape == (4, model.descriptor_dim)

@@ -84,9 +84,14 @@ def test_every_model_config_is_a_valid_base(tmp_path):
 
 
 def test_model_options_are_checked_against_the_factory(tmp_path):
-    path = write(tmp_path, "data: {shards: s}\nmodel: {arch: hardnet, pca_dim: 64}\n")
-    with pytest.raises(ConfigError, match=r"model: pca_dim: not an option of 'hardnet' \(its options: dropout\)"):
+    path = write(tmp_path, "data: {shards: s}\nmodel: {arch: hardnet, dropout: 0.1, input_size: 64}\n")
+    with pytest.raises(ConfigError, match=r"model: input_size: not an option of 'hardnet' \(its options: dropout\)"):
         load_config(path, available_cpus=2, available_gpus=0)
+    path = write(tmp_path, "data: {shards: s}\nmodel: {arch: matchnet, pca_dim: 64}\n")
+    with pytest.raises(ConfigError, match="pca_dim: 'matchnet' is not a trainable embedding model"):
+        load_config(path, available_cpus=2, available_gpus=0)
+    cfg = load_config(write(tmp_path, "data: {shards: s}\nmodel: {arch: hardnet, pca_dim: 64}\n"), available_cpus=2, available_gpus=0)
+    assert cfg.model.attached_pca_dim == 64 and "pca_dim" not in cfg.model.factory_kwargs()
     path = write(tmp_path, "data: {shards: s}\nmodel: {arch: resnet}\n")
     with pytest.raises(ConfigError, match="model: arch: expected one of hardnet, hardnet8"):
         load_config(path, available_cpus=2, available_gpus=0)
