@@ -167,22 +167,37 @@ def cmd_sweep(args) -> int:
     from pipeline.registry import promote, register_checkpoint
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.train import preflight
-    from pipeline.tune import effect_of, new_sweep_id, run_sweep, start_parent_run
+    from pipeline.tune import effect_of, find_sweep, new_sweep_id, run_sweep, start_parent_run
 
     t0 = time.perf_counter()
-    configs = load_sweep(args.config, parse_overrides(args.set or []))
-    if configs[0].sweep is None:
-        raise ConfigError(f"{args.config}: sweep: required section is missing (search_space, num_samples, ...)")
+    if args.resume:
+        sweep_id = args.resume
+        parent_id, configs = find_sweep(sweep_id)
+        client = MlflowClient(resolve_tracking_uri(configs[0].mlflow.tracking_uri))
+        # runs a killed driver left RUNNING: say so; resumed trials reopen their own run
+        for run in client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'"):
+            client.set_tag(run.info.run_id, "patchflow.interrupted", "driver stopped; resumed")
+            client.set_terminated(run.info.run_id, "KILLED")
+        client.update_run(parent_id, status="RUNNING")
+        print(f"[patchflow] resuming sweep {sweep_id} (MLflow parent run {parent_id})", flush=True)
+    elif args.config is None:
+        raise ConfigError("patchflow sweep: give --config FILE, or --resume SWEEP_ID")
+    else:
+        configs = load_sweep(args.config, parse_overrides(args.set or []))
+        if configs[0].sweep is None:
+            raise ConfigError(f"{args.config}: sweep: required section is missing (search_space, num_samples, ...)")
     for cfg in configs:  # every architecture's data problems surface before the first trial starts
         preflight(cfg)
     first = configs[0]
-    sweep_id = new_sweep_id()
-    parent_id = start_parent_run(first, sweep_id, configs)
+    if not args.resume:
+        sweep_id = new_sweep_id()
+        parent_id = start_parent_run(first, sweep_id, configs)
     eval_urls = preflight(first)["eval"]
     pairs, labels, _ = load_pairs(eval_urls, first.data.eval_pairs)
     rows = [("architecture", "best config", "eval FPR95", "MLflow run id", "model version", "alias")]
     for cfg in configs:
-        result = run_sweep(cfg, sweep_id=sweep_id, parent_run_id=parent_id)
+        result = run_sweep(cfg, sweep_id=sweep_id, parent_run_id=parent_id, resume=bool(args.resume))
         best = result.best
         params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in best.params.items()) or "defaults"
         print(f"[patchflow] {cfg.model.arch}: best trial {best.trial_id} ({params}): eval FPR95 {best.best_fpr95:.4f}")
@@ -285,10 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("train", cmd_train, "train one model with Ray Train"), ("sweep", cmd_sweep, "Ray Tune sweep, then register the best model")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", required=True, type=Path)
+        p.add_argument("--config", required=name == "train", type=Path)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=5")
         if name == "sweep":
             p.add_argument("--no-register", action="store_true", help="skip registration / champion gating")
+            p.add_argument("--resume", metavar="SWEEP_ID", help="continue an interrupted sweep: finished trials are kept")
         p.set_defaults(func=func)
 
     from pipeline.submit import add_parsers  # `patchflow submit` / `patchflow jobs`: Ray Jobs on a cluster

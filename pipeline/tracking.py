@@ -104,6 +104,16 @@ class RunLogger:
             log.warning("MLflow reachable again: run %s caught up", self.run_id)
             self._down_since = None
 
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps of ``key`` already in the run (empty when unknown or unreachable)."""
+        if self.run_id is None:
+            return set()
+        try:
+            return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        except Exception as e:
+            log.warning("MLflow history of %s in run %s unavailable: %s", key, self.run_id, e)
+            return set()
+
     @property
     def pending(self) -> int:
         return len(self._backlog)

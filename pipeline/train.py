@@ -113,6 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     check_shard_count(len(train_urls), world, cfg.data.loader_workers)
     total_steps = cfg.train.epochs * cfg.train.batches_per_epoch
     logger = RunLogger(loop_config["tracking_uri"], run_id) if rank == 0 else None
+    logged_epochs = logger.logged_steps(METRIC) if rank == 0 and checkpoint is not None else set()
     if rank == 0:
         eval_pairs, eval_labels, _ = load_pairs(urls["eval"], cfg.data.eval_pairs)
     augment_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
@@ -191,11 +192,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if loop_config.get("dump_params_dir"):  # test hook: each rank's weights, to compare across ranks
             torch.save(core.state_dict(), Path(loop_config["dump_params_dir"]) / f"rank{rank}-epoch{epoch}.pt")
         if rank == 0:
-            logger.metrics(metrics, step=epoch + 1)
             with tempfile.TemporaryDirectory() as tmp:
                 save_state(Path(tmp), model=core, optimizer=optimizer, epoch=epoch, step=step, mlflow_run_id=run_id,
                            cfg=cfg, pca=pca)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # A restart resumes from the checkpoint Ray had recorded, which can be one report behind
+            # what was logged; epochs are deterministic, so an epoch already in MLflow is not re-logged.
+            if epoch + 1 not in logged_epochs:
+                logger.metrics(metrics, step=epoch + 1)
         else:
             ray.train.report(metrics, checkpoint=None)
 
@@ -280,7 +284,9 @@ def build_trainer(
         run_config=RunConfig(
             name=name,
             storage_path=str(cfg.run.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order="min"),
+            # Every epoch's checkpoint is kept (a few MB each): restarts need the latest, registration
+            # wants the best epoch, and Ray's score-based pruning can drop the latest.
+            checkpoint_config=CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=METRIC, checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=list(callbacks or []),
         ),

@@ -115,13 +115,20 @@ def _trial(
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     client = MlflowClient(tracking_uri)
-    run = client.create_run(
-        experiment_id,
-        run_name=ctx.get_trial_name(),
-        tags={"mlflow.parentRunId": parent_run_id, "patchflow.sweep_id": sweep_id, "patchflow.trial_id": trial_id,
-              "patchflow.arch": cfg.model.arch},
+    # A resumed sweep restarts unfinished trials: they go on logging into their own child run.
+    existing = client.search_runs(
+        [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`patchflow.trial_id` = '{trial_id}'"
     )
-    run_id = run.info.run_id
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(
+            experiment_id,
+            run_name=ctx.get_trial_name(),
+            tags={"mlflow.parentRunId": parent_run_id, "patchflow.sweep_id": sweep_id, "patchflow.trial_id": trial_id,
+                  "patchflow.arch": cfg.model.arch},
+        ).info.run_id
     logger = RunLogger(tracking_uri, run_id)
     logger.params(cfg.model_dump(mode="json"))
     logger.tags({f"search.{k}": v for k, v in params.items()})
@@ -161,6 +168,29 @@ def _outcome(result, mlflow_runs: dict[str, str]) -> TrialOutcome:
     )
 
 
+def _new_tuner(cfg: Config, sweep: SweepConfig, trainable, concurrent: int, name: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    return tune.Tuner(
+        trainable,
+        param_space={key: _domain(d) for key, d in sweep.search_space.items()},
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="min",
+            scheduler=ASHAScheduler(
+                time_attr="epoch",
+                max_t=cfg.train.epochs,
+                grace_period=min(sweep.grace_period, cfg.train.epochs),
+                reduction_factor=sweep.reduction_factor,
+            ),
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=str(cfg.run.storage_path), verbose=1),
+    )
+
+
 def new_sweep_id() -> str:
     return f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -178,13 +208,31 @@ def start_parent_run(cfg: Config, sweep_id: str, configs: list[Config]) -> str:
     return parent.info.run_id
 
 
-def run_sweep(cfg: Config, *, sweep_id: str | None = None, parent_run_id: str | None = None) -> SweepResult:
+def find_sweep(sweep_id: str, tracking_uri: str | None = None) -> tuple[str, list[Config]]:
+    """The parent run of ``sweep_id`` and the validated configs it was started with."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`patchflow.sweep_id` = '{sweep_id}' and tags.`patchflow.kind` = 'sweep'")
+    if not runs:
+        raise ConfigError(f"--resume {sweep_id}: no sweep with that id in {client.tracking_uri}")
+    parent = runs[0].info.run_id
+    configs = client.download_artifacts(parent, "sweep_config.json")
+    import json
+
+    with open(configs) as f:
+        return parent, [Config.model_validate(raw) for raw in json.load(f).values()]
+
+
+def run_sweep(
+    cfg: Config, *, sweep_id: str | None = None, parent_run_id: str | None = None, resume: bool = False
+) -> SweepResult:
     """One architecture's Tune run. Without ``parent_run_id`` it is a sweep of its own (its
     parent run is created and closed here); with one, it is that sweep's part for ``model.arch``."""
     from mlflow.tracking import MlflowClient
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     sweep = cfg.sweep or SweepConfig()
     arch = cfg.model.arch
@@ -217,23 +265,14 @@ def run_sweep(cfg: Config, *, sweep_id: str | None = None, parent_run_id: str | 
         ),
         trial_resources,
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={key: _domain(d) for key, d in sweep.search_space.items()},
-        tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode="min",
-            scheduler=ASHAScheduler(
-                time_attr="epoch",
-                max_t=cfg.train.epochs,
-                grace_period=min(sweep.grace_period, cfg.train.epochs),
-                reduction_factor=sweep.reduction_factor,
-            ),
-            num_samples=sweep.num_samples,
-            max_concurrent_trials=concurrent,
-        ),
-        run_config=tune.RunConfig(name=f"{sweep_id}-{arch}", storage_path=str(cfg.run.storage_path), verbose=1),
-    )
+    experiment_path = f"{cfg.run.storage_path}/{sweep_id}-{arch}"
+    if resume and tune.Tuner.can_restore(experiment_path):
+        # finished trials keep their results; unfinished ones restart, and their TorchTrainer
+        # (same run name) continues from its latest checkpoint
+        print(f"[patchflow] resuming {experiment_path}", flush=True)
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = _new_tuner(cfg, sweep, trainable, concurrent, f"{sweep_id}-{arch}")
     try:
         grid = tuner.fit()
     except BaseException:
@@ -247,11 +286,19 @@ def run_sweep(cfg: Config, *, sweep_id: str | None = None, parent_run_id: str | 
     )
     mlflow_runs = {r.data.tags.get("patchflow.trial_id"): r.info.run_id for r in children}
     trials = [_outcome(r, mlflow_runs) for r in grid]
-    # ASHA stops a trial by ending its driver: its MLflow run is left RUNNING; say what happened.
-    for r in children:
-        if r.info.status == "RUNNING":
-            client.set_tag(r.info.run_id, "patchflow.stopped_by", "asha")
-            client.set_terminated(r.info.run_id, "KILLED")
+    # Tune ends a trial's function when it stops it (ASHA, or max_t reached), so the status the
+    # trial could set itself is unreliable: set it from Tune's record of each trial.
+    for t in trials:
+        if t.mlflow_run_id is None:
+            continue
+        if t.error:
+            status = "FAILED"
+        elif t.epochs >= cfg.train.epochs:
+            status = "FINISHED"
+        else:
+            status = "KILLED"
+            client.set_tag(t.mlflow_run_id, "patchflow.stopped_by", "asha")
+        client.set_terminated(t.mlflow_run_id, status)
     result = SweepResult(sweep_id, parent_id, trials)
     ok = [t for t in trials if not math.isnan(t.best_fpr95)]
     if ok:
