@@ -158,12 +158,57 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _log_plots(client, run_id: str, distances: dict, labels) -> None:
+    """ROC curves of every architecture's registered model and SIFT on the same pairs, and each
+    one's distance histogram, as artifacts of the sweep's parent run."""
+    import tempfile
+
+    from pipeline.plots import distance_histogram, roc_figure, save_figure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_figure(roc_figure({k: (d, labels) for k, d in distances.items()}), Path(tmp) / "roc.png")
+        for name, d in distances.items():
+            save_figure(distance_histogram(d, labels, f"{name}: pair distances"), Path(tmp) / f"distances_{name}.png")
+        client.log_artifacts(run_id, tmp, "plots")
+
+
+def _with_best_pca(cfg, best, pairs, labels, client, parent_id: str):
+    """With ``sweep.pca_dims``: try a PCA head of each dimension on the best tower (fitted on its
+    training descriptors, no retraining), log the curve, and return the tower with the best head
+    when it beats no PCA; None keeps the checkpoint's model as it is."""
+    import tempfile
+
+    from pipeline.data.shards import shard_paths
+    from pipeline.data.stream import load_pairs
+    from pipeline.evaluate import pca_dimension_curve
+    from pipeline.pca import attach_pca
+    from pipeline.plots import pca_curve, save_figure
+    from pipeline.train import model_from_checkpoint
+
+    model, trained_cfg = model_from_checkpoint(best.checkpoint_path)
+    if not cfg.sweep.pca_dims or getattr(model, "kind", "embedding") != "embedding" or hasattr(model, "pca") or getattr(model, "pca_dim", None):
+        return None
+    train, _, _ = load_pairs(shard_paths(cfg.data.shards, "train")[:2], 2048)
+    curve = pca_dimension_curve(model, train.reshape(-1, *train.shape[2:]), pairs, labels, cfg.sweep.pca_dims)
+    arch = cfg.model.arch
+    for dim, fpr, _ in curve:
+        client.log_metric(parent_id, f"{arch}/pca_fpr95", fpr, step=dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_figure(pca_curve([d for d, _, _ in curve], [f for _, f, _ in curve], best.best_fpr95), Path(tmp) / f"pca_{arch}.png")
+        client.log_artifact(parent_id, str(path), "plots")
+    dim, fpr, (components, mean) = min(curve, key=lambda c: c[1])
+    print(f"[patchflow] {arch}: PCA curve " + ", ".join(f"{d}:{f:.4f}" for d, f, _ in curve)
+          + f" (no PCA: {best.best_fpr95:.4f})")
+    return attach_pca(model, components, mean) if fpr < best.best_fpr95 else None
+
+
 def cmd_sweep(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import ConfigError, load_sweep, parse_overrides
     from pipeline.data.stream import load_pairs
-    from pipeline.evaluate import SiftBaseline, evaluate_pairs
+    from pipeline.evaluate import SiftBaseline, pair_distances
+    from pipeline.metrics import average_precision, fpr_at_95_recall
     from pipeline.registry import promote, register_checkpoint
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.train import preflight
@@ -195,7 +240,9 @@ def cmd_sweep(args) -> int:
         parent_id = start_parent_run(first, sweep_id, configs)
     eval_urls = preflight(first)["eval"]
     pairs, labels, _ = load_pairs(eval_urls, first.data.eval_pairs)
-    rows = [("architecture", "best config", "eval FPR95", "MLflow run id", "model version", "alias")]
+    rows = [("architecture", "best config", "eval FPR95", "eval AP", "MLflow run id", "model version", "alias")]
+    curves = {}
+    client = MlflowClient(resolve_tracking_uri(first.mlflow.tracking_uri))
     for cfg in configs:
         result = run_sweep(cfg, sweep_id=sweep_id, parent_run_id=parent_id, resume=bool(args.resume))
         best = result.best
@@ -206,18 +253,25 @@ def cmd_sweep(args) -> int:
             effect += [(f"{mu:g}" + (" (off)" if mu == 0 else ""), f"{fpr:.4f}", str(n)) for mu, fpr, n in effect_of(result.trials, "loss.mc_mu")]
             print(f"\n{cfg.model.arch}: effect of the MC-Loss diversity term\n{_table(effect)}\n")
         if args.no_register:
-            rows.append((cfg.model.arch, params, f"{best.best_fpr95:.4f}", best.mlflow_run_id or "", "-", "-"))
+            rows.append((cfg.model.arch, params, f"{best.best_fpr95:.4f}", "-", best.mlflow_run_id or "", "-", "-"))
             continue
-        reg = register_checkpoint(cfg, best.checkpoint_path, best.mlflow_run_id, sweep_id=sweep_id, eval_pairs=(pairs, labels))
-        promo = promote(reg.model_name, pairs, labels, tracking_uri=cfg.mlflow.tracking_uri)
+        model = _with_best_pca(cfg, best, pairs, labels, client, parent_id)
+        reg = register_checkpoint(cfg, best.checkpoint_path, best.mlflow_run_id, sweep_id=sweep_id,
+                                  eval_pairs=(pairs, labels), model=model)
+        promo = promote(reg.model_name, pairs, labels, tracking_uri=cfg.mlflow.tracking_uri, challenger_fpr95=reg.fpr95)
+        curves[cfg.model.arch] = reg.distances
         alias = "champion" if promo.promoted else f"challenger (champion: v{promo.current_champion})"
-        rows.append((cfg.model.arch, params, f"{reg.fpr95:.4f}", reg.run_id, f"{reg.model_name} v{reg.version}", alias))
-    sift = evaluate_pairs(SiftBaseline(pairs.shape[-1]), pairs, labels)["eval_fpr95"]
-    rows.append(("sift (kornia)", "untrained baseline", f"{sift:.4f}", "-", "-", "-"))
+        ap = average_precision(reg.distances, labels)
+        client.log_metric(parent_id, f"{cfg.model.arch}/eval_ap", ap)
+        rows.append((cfg.model.arch, params, f"{reg.fpr95:.4f}", f"{ap:.4f}", reg.run_id, f"{reg.model_name} v{reg.version}", alias))
+    sift_distances = pair_distances(SiftBaseline(pairs.shape[-1]), pairs)
+    sift = fpr_at_95_recall(sift_distances, labels)
+    rows.append(("sift (kornia)", "untrained baseline", f"{sift:.4f}", f"{average_precision(sift_distances, labels):.4f}", "-", "-", "-"))
     table = _table(rows)
     print("\n" + table)
     uri = resolve_tracking_uri(first.mlflow.tracking_uri)
-    client = MlflowClient(uri)
+    if curves:
+        _log_plots(client, parent_id, {**curves, "sift": sift_distances}, labels)
     client.log_text(parent_id, table + "\n", "leaderboard.txt")
     client.log_metric(parent_id, "sift/eval_fpr95", sift)
     client.set_terminated(parent_id, "FINISHED")
@@ -242,6 +296,23 @@ def cmd_promote(args) -> int:
             raise SystemExit(f"patchflow: error: {args.model} v{version.version} has no data_shards tag; pass --shards DIR")
     pairs, labels, _ = load_pairs(shard_paths(shards, "eval"), args.eval_pairs)
     promote(args.model, pairs, labels, min_improvement=args.min_improvement, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipeline.export import export_descriptor, load_exported
+
+    model = _load_model(args.model)
+    out = export_descriptor(model, args.format, args.out)
+    # the file must reproduce the module before we call it done
+    import numpy as np
+    import torch
+
+    x = np.random.default_rng(0).random((3, 1, model.input_size, model.input_size), dtype=np.float32)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    err = float(np.abs(load_exported(out)(x) - expected).max())
+    print(f"[patchflow] wrote {out} ({args.format}); max |exported - module| = {err:.2e} on a check batch")
     return 0
 
 
@@ -288,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-improvement", type=float, default=0.0, help="required FPR95 reduction (absolute)")
     pr.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
     pr.set_defaults(func=cmd_promote)
+
+    ex = sub.add_parser("export", help="write a standalone descriptor file (TorchScript or ONNX)")
+    ex.add_argument("--model", required=True, help="models:/patchflow-hardnet@champion, runs:/..., or a checkpoint folder")
+    ex.add_argument("--format", choices=["torchscript", "onnx"], required=True)
+    ex.add_argument("--out", required=True, type=Path)
+    ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("evaluate", help="FPR95 / AP of models and SIFT on real pairs from an image sequence")
     ev.add_argument("--images", required=True, type=Path, help="sequence folder: img1..6 + H1toKp, or 1..6.ppm + H_1_k")

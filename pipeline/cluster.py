@@ -64,3 +64,44 @@ def init_ray(address: str | None = None) -> None:
     cpus = os.cpu_count() or 1
     ray.init(address="local", num_cpus=cpus, resources={TRIAL_SLOT: cpus}, include_dashboard=True, log_to_driver=True)
     pin_cluster_address()
+
+
+def _marker_visible(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_shared_storage(storage_path: str, probe=_marker_visible) -> None:
+    """Refuse a local ``run.storage_path`` that some node of a multi-node cluster cannot see:
+    checkpoints written there by one node would be missing on another at restore time.
+
+    A marker file is written by the driver and looked for by a task pinned to every alive node
+    (``probe`` runs there). URIs (s3://, gs://, ...) and single-node clusters pass as they are.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.config import ConfigError
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if "://" in storage_path or len(nodes) < 2:
+        return
+    os.makedirs(storage_path, exist_ok=True)
+    marker = os.path.join(storage_path, f".patchflow-shared-{uuid.uuid4().hex}")
+    open(marker, "w").close()
+    try:
+        remote_probe = ray.remote(num_cpus=0)(probe)
+        seen = ray.get([
+            remote_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
+            for n in nodes
+        ])
+    finally:
+        os.remove(marker)
+    blind = [n["NodeManagerAddress"] + " " + n["NodeID"][:8] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"run.storage_path: {storage_path} is a node-local path on a {len(nodes)}-node cluster: "
+            f"node(s) {', '.join(blind)} cannot see it. Use a shared volume mounted on every node or "
+            f"an s3:// / gs:// URI (checkpoints must be readable by whichever node restores them)"
+        )

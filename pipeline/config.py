@@ -185,8 +185,11 @@ class SweepConfig(_Strict):
     search_space: dict[str, SearchDomain] = Field(default_factory=dict, description="dotted config key -> domain")
     workers_per_trial: int = Field(1, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1, description="None = as many as the CPUs/GPUs fit")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops lagging trials; fifo runs every trial to the end")
+    search_alg: Literal["random", "optuna"] = Field("random", description="random/grid sampling, or Optuna's TPE (pip install optuna)")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: int = Field(2, ge=2)
+    pca_dims: list[int] = Field(default_factory=list, description="PCA output dims tried on each best embedding tower, no retraining")
 
     @field_validator("search_space")
     @classmethod
@@ -390,8 +393,11 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
 
 def check_config(cfg: Config, available_cpus: int | None = None, available_gpus: int | None = None) -> list[str]:
     """Cross-field checks pydantic's per-field validation cannot make; returns problem lines."""
-    cpus = available_cpus if available_cpus is not None else (os.cpu_count() or 1)
-    gpus = available_gpus if available_gpus is not None else gpu_count()
+    # Joining a cluster (a Ray Job's driver, RAY_ADDRESS set): this machine's counts say nothing
+    # about the cluster's; the sweep sizes itself from ray.cluster_resources() instead.
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    cpus = available_cpus if available_cpus is not None else (10**6 if on_cluster else (os.cpu_count() or 1))
+    gpus = available_gpus if available_gpus is not None else (10**6 if on_cluster else gpu_count())
     problems = []
     from pipeline.models import create_model
 

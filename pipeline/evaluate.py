@@ -63,3 +63,18 @@ class SiftBaseline(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.sift(patches)
+
+
+def pca_dimension_curve(
+    model: nn.Module, train_patches: np.ndarray, pairs: np.ndarray, labels: np.ndarray, dims: list[int]
+) -> list[tuple[int, float, tuple[torch.Tensor, torch.Tensor]]]:
+    """FPR95 of the trained tower with a PCA head of each dimension, fitted on its own training
+    descriptors: the PCA dimension searched without retraining. Returns (dim, FPR95, (components, mean))."""
+    from pipeline.pca import attach_pca, fit_pca
+
+    train_desc = describe(model, train_patches)
+    curve = []
+    for dim in sorted(d for d in dims if d < train_desc.shape[1]):
+        components, mean = fit_pca(train_desc, dim)
+        curve.append((dim, evaluate_pairs(attach_pca(model, components, mean), pairs, labels)["eval_fpr95"], (components, mean)))
+    return curve

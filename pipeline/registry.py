@@ -17,7 +17,8 @@ import torch
 from pipeline.config import Config
 from pipeline.data.shards import shard_paths
 from pipeline.data.stream import load_pairs
-from pipeline.evaluate import evaluate_pairs
+from pipeline.evaluate import evaluate_pairs, pair_distances
+from pipeline.metrics import fpr_at_95_recall
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train import METRIC, model_from_checkpoint
 
@@ -32,6 +33,7 @@ class Registration:
     version: str
     run_id: str
     fpr95: float
+    distances: np.ndarray | None = None  # on the eval pairs it was scored on (for plots)
 
 
 @dataclass
@@ -106,7 +108,8 @@ def register_checkpoint(
         pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
     else:
         pairs, labels = eval_pairs
-    fpr = evaluate_pairs(model, pairs, labels)[METRIC]
+    distances = pair_distances(model, pairs)
+    fpr = fpr_at_95_recall(distances, labels)
 
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
@@ -136,7 +139,7 @@ def register_checkpoint(
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
     print(f"[patchflow] registered {name} v{version} (eval FPR95 {fpr:.4f}) as {CHALLENGER}", flush=True)
-    return Registration(name, version, run_id, fpr)
+    return Registration(name, version, run_id, fpr, distances)
 
 
 def _version_by_alias(client, name: str, alias: str):
@@ -156,6 +159,7 @@ def promote(
     min_improvement: float = 0.0,
     dry_run: bool = False,
     tracking_uri: str | None = None,
+    challenger_fpr95: float | None = None,
 ) -> Promotion:
     """Re-evaluate ``challenger`` and ``champion`` on the same pairs; move ``champion`` to the
     challenger only when its FPR95 is lower by at least ``min_improvement`` (a model without a
@@ -176,7 +180,8 @@ def promote(
         model = mlflow.pytorch.load_model(f"models:/{model_name}@{alias}", map_location="cpu")
         return evaluate_pairs(model, pairs, labels)[METRIC]
 
-    challenger_fpr = fpr_of(CHALLENGER)
+    # ``challenger_fpr95``: already computed on these same pairs by the caller (right after registration)
+    challenger_fpr = fpr_of(CHALLENGER) if challenger_fpr95 is None else challenger_fpr95
     challenger_version = str(challenger.version)
     if champion is None:
         promoted, champion_fpr, reason = True, None, "there was no champion"

@@ -139,9 +139,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         objective.train()
         loss_sum, n_batches, skipped, t0 = 0.0, 0, 0, time.perf_counter()
+        seen_ids = [] if loop_config.get("record_reads_dir") else None
         for batch in loader:
             pairs = batch["pairs"]
             skipped += batch["skipped"]
+            if seen_ids is not None:
+                seen_ids.append(batch["ids"][:, 0].clone())
             if cfg.train.augment:
                 pairs = fliprot(pairs, augment_rng)
             b, _, p, _ = pairs.shape
@@ -189,6 +192,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": lr,
             "pairs_per_s": n_batches * cfg.train.batch_size * world / seconds if seconds > 0 else math.nan,
         }
+        if seen_ids is not None:  # test hook: which pairs this rank read, and on which node
+            import json
+
+            record = {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "ids": torch.cat(seen_ids).tolist()}
+            (Path(loop_config["record_reads_dir"]) / f"rank{rank}-epoch{epoch}.json").write_text(json.dumps(record))
         if loop_config.get("dump_params_dir"):  # test hook: each rank's weights, to compare across ranks
             torch.save(core.state_dict(), Path(loop_config["dump_params_dir"]) / f"rank{rank}-epoch{epoch}.pt")
         if rank == 0:
@@ -266,6 +274,9 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.cluster import check_shared_storage
+
+    check_shared_storage(str(cfg.run.storage_path))  # before any worker starts writing checkpoints
     plan = plan_for(cfg.scaling.use_gpu)
     workers = cfg.scaling.num_workers if num_workers is None else num_workers
     return TorchTrainer(

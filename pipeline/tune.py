@@ -172,18 +172,27 @@ def _new_tuner(cfg: Config, sweep: SweepConfig, trainable, concurrent: int, name
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    scheduler = None  # FIFO: every trial runs to the end
+    if sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.train.epochs,
+            grace_period=min(sweep.grace_period, cfg.train.epochs),
+            reduction_factor=sweep.reduction_factor,
+        )
+    search_alg = None
+    if sweep.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch  # needs `pip install optuna`
+
+        search_alg = OptunaSearch(seed=cfg.train.seed)
     return tune.Tuner(
         trainable,
         param_space={key: _domain(d) for key, d in sweep.search_space.items()},
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="min",
-            scheduler=ASHAScheduler(
-                time_attr="epoch",
-                max_t=cfg.train.epochs,
-                grace_period=min(sweep.grace_period, cfg.train.epochs),
-                reduction_factor=sweep.reduction_factor,
-            ),
+            scheduler=scheduler,
+            search_alg=search_alg,
             num_samples=sweep.num_samples,
             max_concurrent_trials=concurrent,
         ),
