@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=5")
         if name == "sweep":
             p.add_argument("--no-register", action="store_true", help="skip registration / champion gating")
-            p.add_argument("--resume", metavar="SWEEP_ID", help="continue an interrupted sweep: finished trials are kept")
+            p.add_argument("--resume", metavar="SWEEP_ID", help="continue an interrupted sweep (found in $MLFLOW_TRACKING_URI or ./mlflow.db): finished trials are kept")
         p.set_defaults(func=func)
 
     from pipeline.submit import add_parsers  # `patchflow submit` / `patchflow jobs`: Ray Jobs on a cluster

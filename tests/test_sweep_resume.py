@@ -35,7 +35,8 @@ sweep:
   grace_period: 3
   search_space: {{loss.margin: {{grid: [0.5, 1.0, 2.0]}}}}
 """)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # --resume finds the sweep in the tracking store named by MLFLOW_TRACKING_URI (or ./mlflow.db)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, "-m", "pipeline.cli", "sweep", "--no-register"]
     first = subprocess.Popen(cmd + ["--config", str(config)], cwd=tmp_path, env=env, start_new_session=True,
                              stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)

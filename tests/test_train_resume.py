@@ -1,0 +1,52 @@
+"""`patchflow train` whose driver is killed: the same command (same run.name) resumes the Ray Train
+run from its checkpoint and logs into the same MLflow run; a new name starts fresh."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.train import METRIC
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train.yaml"
+
+
+def test_killed_train_resumes_under_the_same_name(synthetic_shards, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(CONFIG),
+           "--set", f"data.shards={synthetic_shards}", "--set", "data.eval_pairs=256", "--set", "train.epochs=3",
+           "--set", "train.batches_per_epoch=4", "--set", "train.batch_size=16", "--set", "scaling.num_workers=1",
+           "--set", f"mlflow.tracking_uri={uri}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    first = subprocess.Popen(cmd + ["--set", "run.name=resumable"], cwd=tmp_path, start_new_session=True, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(uri)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            time.sleep(1)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if (tmp_path / "mlflow.db").exists() else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, METRIC)) >= 1:
+                break
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    run_id = runs[0].info.run_id
+    assert client.get_run(run_id).info.status == "RUNNING"  # what a killed driver leaves behind
+
+    again = subprocess.run(cmd + ["--set", "run.name=resumable"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, METRIC)) == [1, 2, 3]  # resumed, no duplicates
+
+    fresh = subprocess.run(cmd + ["--set", "run.name=another"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2 and {r.data.tags["patchflow.run_name"] for r in runs} == {"resumable", "another"}
