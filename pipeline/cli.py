@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def _load(args) -> "Config":  # noqa: F821
+def _load(args):
     from pipeline.config import load_config, parse_overrides
 
     return load_config(args.config, parse_overrides(args.set or []))

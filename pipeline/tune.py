@@ -307,6 +307,8 @@ def run_sweep(
         else:
             status = "KILLED"
             client.set_tag(t.mlflow_run_id, "patchflow.stopped_by", "asha")
+        if t.checkpoint_path:
+            client.set_tag(t.mlflow_run_id, "patchflow.checkpoint", t.checkpoint_path)  # its best epoch's checkpoint
         client.set_terminated(t.mlflow_run_id, status)
     result = SweepResult(sweep_id, parent_id, trials)
     ok = [t for t in trials if not math.isnan(t.best_fpr95)]

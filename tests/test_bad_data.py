@@ -10,7 +10,6 @@ import logging
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
 
 from pipeline.config import Config

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hashlib
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -47,6 +46,7 @@ def test_sweep_logs_a_parent_with_one_child_per_trial(sweep_run):
         history = client.get_metric_history(child.info.run_id, METRIC)
         assert [m.step for m in history] == list(range(1, len(history) + 1))
         assert min(m.value for m in history) == pytest.approx(trial.best_fpr95)
+        assert child.data.tags["patchflow.checkpoint"] == trial.checkpoint_path  # where the trial's model is
     best = result.best
     assert best.best_fpr95 == min(t.best_fpr95 for t in result.trials)
     effect = effect_of(result.trials, "loss.mc_mu")  # the with / without MC-Loss table

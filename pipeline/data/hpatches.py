@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -42,8 +41,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.phototour import resize_patches
-from pipeline.data.shards import (SCHEMA_VERSION, PairBlock, SourceError, distinct_per_block, iter_blocks,
-                                  write_manifest, write_split)
+from pipeline.data.shards import (finish_conversion, PairBlock, SourceError, distinct_per_block, iter_blocks,
+                                  write_split)
 
 logger = logging.getLogger(__name__)
 
@@ -360,17 +359,8 @@ def hpatches_to_shards(root: str | os.PathLike, out_dir: str | os.PathLike, *,
                             "negatives": negatives, "rule": "ref vs difficulty image; 50% positives"}
         splits[s] = write_split(out, s, blocks, blocks_per_shard, progress=progress, params={**common, s: per_split[s]})
         del pool
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "source": "hpatches",
-        "patch_size": patch_size,
-        "pairs_per_block": pairs_per_block,
-        "generator": {**common, **per_split},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "splits": splits,
-    }
-    write_manifest(out, manifest)
-    return manifest
+    return finish_conversion(out, source="hpatches", patch_size=patch_size, pairs_per_block=pairs_per_block,
+                             generator={**common, **per_split}, splits=splits)
 
 
 __all__ = ["IMAGE_NAMES", "OFFICIAL_SEQUENCES", "OFFICIAL_SPLITS", "SPLIT_NAMES", "hpatches_pairs", "hpatches_to_shards", "images_for",

@@ -32,7 +32,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -40,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.shards import (SCHEMA_VERSION, PairBlock, SourceError, distinct_per_block, write_manifest,
+from pipeline.data.shards import (finish_conversion, PairBlock, SourceError, distinct_per_block,
                                   write_split)
 
 logger = logging.getLogger(__name__)
@@ -373,17 +372,8 @@ def phototour_to_shards(root: str | os.PathLike, out_dir: str | os.PathLike, *,
                   else eval_blocks(ds, pairs_per_block))
         splits[s] = write_split(out, s, blocks, blocks_per_shard, progress=progress,
                                 params={**common, s: per_split[s]})
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "source": "phototour",
-        "patch_size": patch_size,
-        "pairs_per_block": pairs_per_block,
-        "generator": {**common, **per_split},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "splits": splits,
-    }
-    write_manifest(out, manifest)
-    return manifest
+    return finish_conversion(out, source="phototour", patch_size=patch_size, pairs_per_block=pairs_per_block,
+                             generator={**common, **per_split}, splits=splits)
 
 
 __all__ = ["DEFAULT_MATCH_FILE", "PhotoTour", "eval_blocks", "load_phototour", "phototour_eval_pairs",

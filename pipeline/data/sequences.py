@@ -36,7 +36,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
 
@@ -45,7 +44,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.shards import (SCHEMA_VERSION, PairBlock, SourceError, block_sizes, write_manifest,
+from pipeline.data.shards import (finish_conversion, PairBlock, SourceError, block_sizes,
                                   write_split)
 
 logger = logging.getLogger(__name__)
@@ -549,17 +548,8 @@ def sequence_to_shards(seq_dirs: str | os.PathLike | Iterable[str | os.PathLike]
         splits[s] = write_split(out, s, _rebatch(chunks(), pairs_per_block), blocks_per_shard, progress=progress,
                                 params={**common, s: per_split[s]})
         per_split[s]["pairs_per_sequence"] = counts
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "source": "sequences",
-        "patch_size": patch_size,
-        "pairs_per_block": pairs_per_block,
-        "generator": {**common, **per_split},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "splits": splits,
-    }
-    write_manifest(out, manifest)
-    return manifest
+    return finish_conversion(out, source="sequences", patch_size=patch_size, pairs_per_block=pairs_per_block,
+                             generator={**common, **per_split}, splits=splits)
 
 
 __all__ = ["PARAMS", "detect_frames", "extract", "find_sequences", "frames_inside", "jitter_frames", "map_frames",

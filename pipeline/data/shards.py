@@ -315,6 +315,22 @@ def write_split(out_dir: str | os.PathLike, split: str, blocks: Iterable[PairBlo
     return {"pairs": sum(s["pairs"] for s in shards), "positives": positives, "shards": shards}
 
 
+def finish_conversion(out_dir: str | os.PathLike, *, source: str, patch_size: int, pairs_per_block: int,
+                      generator: dict, splits: dict) -> dict:
+    """The last step of every source: write the manifest describing the finished splits."""
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "patch_size": patch_size,
+        "pairs_per_block": pairs_per_block,
+        "generator": generator,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "splits": splits,
+    }
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
     """Write ``manifest.json`` atomically (temp file + os.replace); fills ``created`` if absent.
 

@@ -15,7 +15,6 @@ coordinates q in the warped image, source coordinates are H^-1(q).
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from pipeline.data.shards import PairBlock, SCHEMA_VERSION, write_manifest, write_split
+from pipeline.data.shards import finish_conversion, PairBlock, write_split
 
 # Only files shipped inside the wheel (skimage/data/*), so nothing is downloaded. Disjoint scenes:
 # motorcycle_right is excluded from eval because it is the stereo partner of motorcycle_left.
@@ -316,18 +315,9 @@ def generate_synthetic(out_dir: str | os.PathLike, *, train_pairs: int = 20000, 
         blocks = (PairBlock(pairs[i : i + pairs_per_block], labels[i : i + pairs_per_block],
                             ids[i : i + pairs_per_block]) for i in range(0, n, pairs_per_block))
         splits[split] = write_split(out, split, blocks, blocks_per_shard, progress=progress)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "source": "synthetic",
-        "patch_size": patch_size,
-        "pairs_per_block": pairs_per_block,
-        "generator": {
+    return finish_conversion(out, source="synthetic", patch_size=patch_size, pairs_per_block=pairs_per_block,
+                             generator={
             "name": "pipeline.data.synthetic", "seed": seed, "train_pairs": train_pairs, "eval_pairs": eval_pairs,
             "patch_size": patch_size, "pairs_per_block": pairs_per_block, "blocks_per_shard": blocks_per_shard,
             "images": source_images(), "eval_id_offset": EVAL_ID_OFFSET, **PARAMS,
-        },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "splits": splits,
-    }
-    write_manifest(out, manifest)
-    return manifest
+        }, splits=splits)
