@@ -29,7 +29,7 @@ sweep:
   pca_dims: [16, 64]
   architectures:
     hardnet: {{search_space: {{loss.margin: {{grid: [0.5, 1.0]}}}}}}
-    tfeat: {{search_space: {{}}}}
+    tfeat: {{search_space: {{train.lr: {{loguniform: [0.001, 0.1]}}}}, overrides: {{sweep.search_alg: optuna}}}}
 """)
     assert main(["sweep", "--config", str(config)]) == 0
     out = capsys.readouterr().out
@@ -47,6 +47,9 @@ sweep:
     assert re.search(r"^architecture\s+best config\s+eval FPR95\s+eval AP", out, re.M)
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.data.tags["patchflow.arch"] for c in children) == ["hardnet", "hardnet", "tfeat"]
+    tfeat = next(c for c in children if c.data.tags["patchflow.arch"] == "tfeat")
+    assert 0.001 <= float(tfeat.data.params["train.lr"]) <= 0.1  # sampled by Optuna's TPE within the space
+    assert tfeat.data.params["sweep.search_alg"] == "optuna"
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     target = tmp_path / "hardnet.onnx"
