@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-STEPS = ("shards", "train", "sweep")
+STEPS = ("shards", "train", "sweep", "promote")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT_SCRIPT = "jobs/entrypoint.py"
 
@@ -266,12 +266,12 @@ def cmd_submit(args) -> int:
     if extra[:1] == ["--"]:
         extra = extra[1:]
     try:
-        if step == "shards":
+        if step in ("shards", "promote"):
+            example = "-- synthetic --out /shared/shards" if step == "shards" else "-- --model patchflow-hardnet"
             if args.config is not None or args.set:
-                raise ConfigError("submit shards takes no --config / --set: pass the shards arguments after --, "
-                                  "e.g. -- synthetic --out /shared/shards")
+                raise ConfigError(f"submit {step} takes no --config / --set: pass its arguments after --, e.g. {example}")
             if not extra:
-                raise ConfigError("submit shards: pass the shards arguments after --, e.g. -- synthetic --out /shared/shards")
+                raise ConfigError(f"submit {step}: pass its arguments after --, e.g. {example}")
             cfg = None
         else:
             if args.config is None:
@@ -406,7 +406,7 @@ def add_parsers(subparsers) -> None:
     """Register ``submit`` and ``jobs`` on the ``patchflow`` command's subparsers."""
     submit = subparsers.add_parser("submit", help="run a step on a Ray cluster as a Ray Job",
                                    description="Submit a patchflow step as a Ray Job. Arguments after -- go to the step.")
-    steps = submit.add_subparsers(dest="step", required=True, metavar="{shards,train,sweep}")
+    steps = submit.add_subparsers(dest="step", required=True, metavar="{shards,train,sweep,promote}")
     for step in STEPS:
         p = steps.add_parser(step, help=f"submit `patchflow {step} ...`")
         _connection_args(p)

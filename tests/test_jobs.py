@@ -88,9 +88,13 @@ def test_token_sources_in_order(tmp_path):
         submit.resolve_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"})
 
 
-def test_shards_step_needs_its_arguments(capsys):
+def test_shards_and_promote_steps_need_their_arguments(capsys):
     assert submit.main(["submit", "shards", "--address", "http://127.0.0.1:1"]) == 2
-    assert "pass the shards arguments after --" in capsys.readouterr().err
+    assert "submit shards: pass its arguments after --, e.g. -- synthetic --out" in capsys.readouterr().err
+    assert submit.main(["submit", "promote", "--address", "http://127.0.0.1:1"]) == 2
+    assert "submit promote: pass its arguments after --, e.g. -- --model patchflow-hardnet" in capsys.readouterr().err
+    entry = submit.build_entrypoint("promote", config=None, sets=[], extra=["--model", "patchflow-hardnet"], image_install=False)
+    assert entry == "python jobs/entrypoint.py promote --model patchflow-hardnet"
 
 
 # ----------------------------------------------------------------------------- the real head
