@@ -232,19 +232,18 @@ def cmd_sweep(args) -> int:
         configs = load_sweep(args.config, parse_overrides(args.set or []))
         if configs[0].sweep is None:
             raise ConfigError(f"{args.config}: sweep: required section is missing (search_space, num_samples, ...)")
-    for cfg in configs:  # every architecture's data problems surface before the first trial starts
-        preflight(cfg)
+    # every architecture's data problems surface before the first trial starts; checksums once each
+    verified = [preflight(cfg) for cfg in configs]
     first = configs[0]
     if not args.resume:
         sweep_id = new_sweep_id()
         parent_id = start_parent_run(first, sweep_id, configs)
-    eval_urls = preflight(first)["eval"]
-    pairs, labels, _ = load_pairs(eval_urls, first.data.eval_pairs)
+    pairs, labels, _ = load_pairs(verified[0]["eval"], first.data.eval_pairs)
     rows = [("architecture", "best config", "eval FPR95", "eval AP", "MLflow run id", "model version", "alias")]
     curves = {}
     client = MlflowClient(resolve_tracking_uri(first.mlflow.tracking_uri))
-    for cfg in configs:
-        result = run_sweep(cfg, sweep_id=sweep_id, parent_run_id=parent_id, resume=bool(args.resume))
+    for cfg, shard_urls in zip(configs, verified):
+        result = run_sweep(cfg, sweep_id=sweep_id, parent_run_id=parent_id, resume=bool(args.resume), shard_urls=shard_urls)
         best = result.best
         params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in best.params.items()) or "defaults"
         print(f"[patchflow] {cfg.model.arch}: best trial {best.trial_id} ({params}): eval FPR95 {best.best_fpr95:.4f}")

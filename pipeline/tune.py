@@ -235,7 +235,12 @@ def find_sweep(sweep_id: str, tracking_uri: str | None = None) -> tuple[str, lis
 
 
 def run_sweep(
-    cfg: Config, *, sweep_id: str | None = None, parent_run_id: str | None = None, resume: bool = False
+    cfg: Config,
+    *,
+    sweep_id: str | None = None,
+    parent_run_id: str | None = None,
+    resume: bool = False,
+    shard_urls: dict[str, list[str]] | None = None,
 ) -> SweepResult:
     """One architecture's Tune run. Without ``parent_run_id`` it is a sweep of its own (its
     parent run is created and closed here); with one, it is that sweep's part for ``model.arch``."""
@@ -245,7 +250,7 @@ def run_sweep(
 
     sweep = cfg.sweep or SweepConfig()
     arch = cfg.model.arch
-    shard_urls = preflight(cfg)
+    shard_urls = shard_urls or preflight(cfg)  # the caller may have verified the shards already
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)

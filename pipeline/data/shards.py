@@ -342,17 +342,7 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
     manifest.setdefault("schema_version", SCHEMA_VERSION)
     manifest.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     path = out / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_json_atomic(path, manifest)
     (out / PARTIAL_MANIFEST_NAME).unlink(missing_ok=True)
     return path
 
