@@ -180,11 +180,16 @@ def _new_tuner(cfg: Config, sweep: SweepConfig, trainable, concurrent: int, name
             grace_period=min(sweep.grace_period, cfg.train.epochs),
             reduction_factor=sweep.reduction_factor,
         )
-    search_alg = None
     if sweep.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch  # needs `pip install optuna`
 
         search_alg = OptunaSearch(seed=cfg.train.seed)
+        limit = concurrent  # Tune wraps a Searcher in a ConcurrencyLimiter
+    else:  # seeded, so re-running a sweep (or comparing schedulers) samples the same configs
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # a SearchGenerator: Tune ignores max_concurrent_trials for it, so it gets the limit itself
+        search_alg, limit = BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.train.seed), None
     return tune.Tuner(
         trainable,
         param_space={key: _domain(d) for key, d in sweep.search_space.items()},
@@ -194,7 +199,7 @@ def _new_tuner(cfg: Config, sweep: SweepConfig, trainable, concurrent: int, name
             scheduler=scheduler,
             search_alg=search_alg,
             num_samples=sweep.num_samples,
-            max_concurrent_trials=concurrent,
+            max_concurrent_trials=limit,
         ),
         run_config=tune.RunConfig(name=name, storage_path=str(cfg.run.storage_path), verbose=1),
     )
