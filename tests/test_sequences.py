@@ -244,3 +244,35 @@ def test_real_graf_sequence(graf_pairs) -> None:
     rng = np.random.default_rng(0)
     p, q = rng.choice(ds[labels == 1], 5000), rng.choice(ds[labels == 0], 5000)
     assert (p < q).mean() > 0.85  # SIFT ranks real positives above negatives (ROC AUC)
+
+
+def test_circle_overlap_error_matches_monte_carlo() -> None:
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-3, 5, (400_000, 2))
+    for d, a, b in [(0.0, 1, 1), (0.5, 1, 1), (1.0, 1, 2), (0.3, 1, 1.5), (2.5, 1, 1), (0.2, 2, 1)]:
+        in_a = np.hypot(pts[:, 0], pts[:, 1]) <= a
+        in_b = np.hypot(pts[:, 0] - d, pts[:, 1]) <= b
+        expected = 1 - (in_a & in_b).sum() / (in_a | in_b).sum()
+        assert seqmod.circle_overlap_error(d, a, b) == pytest.approx(expected, abs=0.01), (d, a, b)
+
+
+def test_points_on_an_occluder_are_not_positives(tmp_path) -> None:
+    """Image 2 = image 1 shifted, except its right half shows something else (a car in front of
+    the wall): H maps those points geometrically fine, but the detector does not find them again,
+    so they are not positives; on the left half they are."""
+    d = write_hpatches_layout(tmp_path / "occluded")
+    img2 = np.asarray(Image.open(d / "2.ppm"), np.float64) / 255
+    img2[:, W // 2 :] = texture((H, W - W // 2), seed=9)
+    save(d / "2.ppm", img2)
+    seq = open_sequence(d)
+    cor = seqmod._correspondences(seq, [2], 32, 2000)
+    x2 = cor.lafs[2][:, 0, 2]
+    left, right = x2 < W // 2 - 24, x2 > W // 2 + 24
+    assert left.sum() > 20 and right.sum() > 20
+    assert cor.valid[2][left].mean() > 0.6 and cor.valid[2][right].mean() < 0.15, (
+        cor.valid[2][left].mean(), cor.valid[2][right].mean())
+    # geometry alone keeps both halves: it is the repeatability check that drops the occluder
+    img1 = seqmod.read_image(seq.images[1])
+    geometric = seqmod.correspondences("occluded", img1, {2: seqmod.read_image(seq.images[2])},
+                                       {2: seqmod.read_homography(seq.homography_path(2))}, 32, 2000, repeatable=False)
+    assert geometric.valid[2][right].mean() > 0.6

@@ -63,6 +63,13 @@ PARAMS: dict = {
     "scale_jitter": 0.1,  # log-uniform +-10 %
     "orientation_jitter_deg": 10.0,  # uniform
     "negative_min_distance": 1.0,  # x the larger radius, in image 1
+    # A positive needs the detector to find the point again in image k: some detection whose region
+    # overlaps the mapped one with an overlap error (1 - intersection / union) of at most this, the
+    # correct-match criterion of Mikolajczyk & Schmid 2005 (regions as circles of the frame's
+    # area), with a similar orientation (without it, dense texture repeats points by chance).
+    # Points on things off the homography's plane (a car parked in front of a wall) fail it.
+    "max_overlap_error": 0.5,
+    "max_orientation_difference_deg": 30.0,  # and the same dominant orientation, within this
 }
 
 
@@ -201,6 +208,48 @@ def detect_frames(img: np.ndarray, max_keypoints: int = 2000) -> np.ndarray:
     return _drop_duplicates(lafs)
 
 
+def circle_overlap_error(d: np.ndarray, r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """1 - |A & B| / |A | B| of discs of radii r1, r2 whose centres are d apart (broadcast)."""
+    d, r1, r2 = np.broadcast_arrays(np.asarray(d, np.float64), np.asarray(r1, np.float64), np.asarray(r2, np.float64))
+    small, big = np.minimum(r1, r2), np.maximum(r1, r2)
+    inter = np.where(d <= big - small, np.pi * small**2, 0.0)
+    lens = (d > big - small) & (d < big + small)
+    if lens.any():
+        dd, a, b = d[lens], r1[lens], r2[lens]
+        alpha = np.arccos(np.clip((dd**2 + a**2 - b**2) / (2 * dd * a), -1, 1))
+        beta = np.arccos(np.clip((dd**2 + b**2 - a**2) / (2 * dd * b), -1, 1))
+        inter[lens] = a**2 * alpha + b**2 * beta - 0.5 * np.sqrt(np.clip(
+            (-dd + a + b) * (dd + a - b) * (dd - a + b) * (dd + a + b), 0, None))
+    union = np.pi * (r1**2 + r2**2) - inter
+    return 1.0 - inter / union
+
+
+def redetected(mapped: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Mask of ``mapped`` frames (n, 2, 3) that some frame of ``found`` repeats: overlap error of
+    their regions at most ``PARAMS["max_overlap_error"]``."""
+    if len(found) == 0:
+        return np.zeros(len(mapped), bool)
+    from scipy.spatial import cKDTree
+
+    r_map, r_found = laf_scale(mapped), laf_scale(found)
+    a_map, a_found = laf_angle(mapped), laf_angle(found)
+    max_turn = np.deg2rad(PARAMS["max_orientation_difference_deg"])
+    tree = cKDTree(found[:, :, 2])
+    ok = np.zeros(len(mapped), bool)
+    for i, near in enumerate(tree.query_ball_point(mapped[:, :, 2], r_map + r_found.max())):
+        if near:
+            d = np.linalg.norm(found[near, :, 2] - mapped[i, :, 2], axis=1)
+            turn = np.abs(np.angle(np.exp(1j * (a_found[near] - a_map[i]))))
+            ok[i] = bool(((circle_overlap_error(d, r_map[i], r_found[near]) <= PARAMS["max_overlap_error"])
+                          & (turn <= max_turn)).any())
+    return ok
+
+
+def laf_angle(lafs: np.ndarray) -> np.ndarray:
+    """Direction (radians) of each frame's first axis, kornia's ``get_laf_orientation`` convention."""
+    return np.arctan2(lafs[:, 0, 1], lafs[:, 0, 0])
+
+
 def laf_scale(lafs: np.ndarray) -> np.ndarray:
     return np.sqrt(np.abs(np.linalg.det(lafs[:, :, :2])))
 
@@ -286,7 +335,7 @@ def extract(img: torch.Tensor, lafs: np.ndarray, patch_size: int) -> np.ndarray:
 # --- per-sequence correspondences -----------------------------------------------------------------
 
 @dataclass
-class _Correspondences:
+class Correspondences:
     name: str
     lafs1: np.ndarray  # (n, 2, 3)
     patches1: np.ndarray  # uint8 (n, P, P), image 1, no jitter
@@ -320,25 +369,37 @@ class _Correspondences:
 
 
 def _correspondences(seq: ImageSequence, targets: Sequence[int] | None, patch_size: int,
-                     max_keypoints: int) -> _Correspondences:
+                     max_keypoints: int) -> Correspondences:
     ks = _targets(seq, targets)
     homs = {k: read_homography(seq.homography_path(k)) for k in ks}  # all H files checked before any work
     img1 = read_image(seq.images[1])
+    return correspondences(seq.path.name, img1, {k: read_image(seq.images[k]) for k in ks}, homs, patch_size,
+                           max_keypoints, source=seq.images[1])
+
+
+def correspondences(name: str, img1: np.ndarray, images: dict[int, np.ndarray], homs: dict[int, np.ndarray],
+                    patch_size: int, max_keypoints: int, source: object = None, repeatable: bool = True
+                    ) -> Correspondences:
+    """Keypoints detected in ``img1`` and their frames in each image k of ``images`` (``homs[k]``
+    maps image 1 to image k): the one construction behind real and synthetic sequence pairs.
+    ``repeatable``: a point counts in image k only where the detector finds it there too (real
+    photographs: H holds on one plane only); synthetic views, exact everywhere, can skip it."""
     lafs1 = detect_frames(img1, max_keypoints)
     if len(lafs1) == 0:
-        raise SourceError(f"{seq.images[1]}: no keypoints detected")
+        raise SourceError(f"{source or name}: no keypoints detected")
     grow, margin = _jitter_room()
-    images, lafs, valid = {}, {}, {}
-    for k in ks:
-        img = read_image(seq.images[k])
+    tensors, lafs, valid = {}, {}, {}
+    for k, img in images.items():
         mapped, ok = map_frames(lafs1, homs[k])
         ok &= frames_inside(mapped, img.shape, grow, margin * laf_scale(mapped))
-        images[k], lafs[k], valid[k] = _to_tensor(img), mapped, ok
+        if repeatable:
+            ok &= redetected(mapped, detect_frames(img, 2 * max_keypoints))
+        tensors[k], lafs[k], valid[k] = _to_tensor(img), mapped, ok
     patches1 = extract(_to_tensor(img1), lafs1, patch_size)
-    return _Correspondences(seq.path.name, lafs1, patches1, ks, images, lafs, valid)
+    return Correspondences(name, lafs1, patches1, list(images), tensors, lafs, valid)
 
 
-def _negative_partners(cor: _Correspondences, anchors: np.ndarray, targets: np.ndarray,
+def _negative_partners(cor: Correspondences, anchors: np.ndarray, targets: np.ndarray,
                        rng: np.random.Generator) -> np.ndarray:
     """For each anchor (valid in its target) another point valid in that target, far from it in image 1."""
     c, s = cor.lafs1[:, :, 2], laf_scale(cor.lafs1)
@@ -365,7 +426,7 @@ def _negative_partners(cor: _Correspondences, anchors: np.ndarray, targets: np.n
     return partner
 
 
-def _eval_pairs(cor: _Correspondences, n_pairs: int | None, rng: np.random.Generator, patch_size: int,
+def eval_pairs(cor: Correspondences, n_pairs: int | None, rng: np.random.Generator, patch_size: int,
                 id_base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pts, tgt = cor.candidates()
     if pts.size == 0:
@@ -390,7 +451,7 @@ def _eval_pairs(cor: _Correspondences, n_pairs: int | None, rng: np.random.Gener
     return pairs[order], labels[order], ids[order]
 
 
-def _train_pairs(cor: _Correspondences, n_pairs: int | None, offset: int, pairs_per_block: int,
+def _train_pairs(cor: Correspondences, n_pairs: int | None, offset: int, pairs_per_block: int,
                  rng: np.random.Generator, patch_size: int, id_base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All-positive pairs; ``offset`` = position of the first pair in the split, so that every
     (global) block gets distinct points."""
@@ -439,7 +500,7 @@ def sequence_pairs(seq_dir: str | os.PathLike, *, n_pairs: int | None = None, ta
     out = []
     for i, seq in enumerate(tqdm(seqs, desc="sequences eval", unit="seq", disable=not progress, file=sys.stderr)):
         cor = _correspondences(seq, targets, patch_size, max_keypoints)
-        out.append(_eval_pairs(cor, n_pairs, _rng(seed, "eval", i), patch_size, i << ID_SHIFT))
+        out.append(eval_pairs(cor, n_pairs, _rng(seed, "eval", i), patch_size, i << ID_SHIFT))
     if len(out) == 1:
         return out[0]
     return tuple(np.concatenate([o[j] for o in out]) for j in range(3))  # type: ignore[return-value]
@@ -540,7 +601,7 @@ def sequence_to_shards(seq_dirs: str | os.PathLike | Iterable[str | os.PathLike]
                 cor = _correspondences(q, targets, patch_size, max_keypoints)
                 rng, base = _rng(seed, s, i), (first_index + i) << ID_SHIFT
                 arrays = (_train_pairs(cor, pairs_per_sequence, offset, pairs_per_block, rng, patch_size, base)
-                          if s == "train" else _eval_pairs(cor, pairs_per_sequence, rng, patch_size, base))
+                          if s == "train" else eval_pairs(cor, pairs_per_sequence, rng, patch_size, base))
                 offset += len(arrays[1])
                 counts.append(len(arrays[1]))
                 yield arrays
@@ -552,5 +613,6 @@ def sequence_to_shards(seq_dirs: str | os.PathLike | Iterable[str | os.PathLike]
                              generator={**common, **per_split}, splits=splits)
 
 
-__all__ = ["PARAMS", "detect_frames", "extract", "find_sequences", "frames_inside", "jitter_frames", "map_frames",
+__all__ = ["PARAMS", "Correspondences", "correspondences", "detect_frames", "eval_pairs", "extract", "find_sequences",
+           "frames_inside", "jitter_frames", "map_frames",
            "open_sequence", "read_homography", "sequence_pairs", "sequence_to_shards"]
