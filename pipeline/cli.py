@@ -63,26 +63,13 @@ def _load_model(spec: str):
     return load_descriptor(spec)
 
 
-def bootstrap_interval(distances, labels, metric, n: int = 200, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of ``metric`` over the pairs (resampled with replacement)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        idx = rng.integers(0, len(labels), len(labels))
-        if 0 < labels[idx].sum() < len(idx):
-            values.append(metric(distances[idx], labels[idx]))
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-
 def cmd_evaluate(args) -> int:
     """FPR95 and AP of each model and of kornia's SIFT on real pairs from an image sequence."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.data.sequences import sequence_pairs
     from pipeline.evaluate import SiftBaseline, pair_distances
-    from pipeline.metrics import average_precision, fpr_at_95_recall
+    from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
     from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
 
     t0 = time.perf_counter()
@@ -321,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards = sub.add_parser("shards", help="write WebDataset shards of patch pairs")
     source = shards.add_subparsers(dest="source", required=True)
-    syn = source.add_parser("synthetic", help="pairs from scikit-image's bundled photos under random homographies")
+    syn = source.add_parser("synthetic", help="pairs from synthetic image sequences: bundled photographs under random viewpoints and light")
     syn.add_argument("--train-pairs", type=int, default=20000)
     syn.add_argument("--eval-pairs", type=int, default=4000)
     pt = source.add_parser("phototour", help="UBC PhotoTour: a folder of patchesNNNN.bmp + info.txt + m50 files, or torchvision's .pt")
