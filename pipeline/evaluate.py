@@ -28,7 +28,7 @@ def describe(
     try:
         for start in range(0, len(patches), batch_size):
             x = plan.prepare_batch(torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size])).unsqueeze(1))
-            with plan.autocast():
+            with plan.eval_autocast():
                 out.append(fn(fit_input(x, size)).float().cpu())
     finally:
         model.train(was_training)
