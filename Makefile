@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo --extra-index-url https://download.pytorch.org/whl/cpu)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test install clean mlflow-ui
+.PHONY: demo test install clean mlflow-ui quality
 
 $(BIN)/patchflow: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ install: $(BIN)/patchflow
 
 demo: install
 	@start=$$(date +%s); \
-	$(BIN)/patchflow shards synthetic --out shards && \
+	$(BIN)/patchflow shards synthetic --out shards --train-pairs 60000 && \
 	$(BIN)/patchflow sweep --config configs/sweeps/demo.yaml && \
 	echo "[patchflow] demo wall time: $$(( $$(date +%s) - start )) s; browse runs with: make mlflow-ui"
+
+# After `make demo`: every registered architecture's FPR95 on the synthetic eval split and on real
+# Oxford graf pairs, with SIFT (issue 7's table).
+quality: install
+	$(BIN)/python benchmarks/quality.py
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -31,6 +31,20 @@ def fpr_at_95_recall(distances: np.ndarray, labels: np.ndarray, recall: float = 
     return false_positives / n_neg
 
 
+
+def bootstrap_interval(distances: np.ndarray, labels: np.ndarray, metric, n: int = 200, seed: int = 0
+                       ) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of ``metric(distances, labels)`` over the pairs
+    (resampled with replacement; resamples holding one class only are skipped)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(labels), len(labels))
+        if 0 < labels[idx].sum() < len(idx):
+            values.append(metric(distances[idx], labels[idx]))
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
 def _pairs(distances: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = np.asarray(distances, dtype=np.float64).ravel()
     y = np.asarray(labels).ravel().astype(bool)
