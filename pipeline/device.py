@@ -51,7 +51,7 @@ def cpu_has_amx() -> bool:
 def plan_for(use_gpu: bool, device: torch.device | None = None) -> DevicePlan:
     """GPU: NCCL, bf16 autocast, channels_last. CPU: gloo, channels_last (oneDNN's preferred
     layout), bf16 autocast only with AMX. Measured on a 2-core Xeon with AMX, HardNet training at
-    batch 256: fp32 201 pairs/s, channels_last 294, bf16 + channels_last 610 (benchmarks/README.md);
+    batch 256: fp32 201 pairs/s, channels_last 294, bf16 + channels_last 610 (benchmarks/cpu_train.py);
     without AMX, bf16 is emulated and slower than fp32."""
     if use_gpu:
         return DevicePlan(device or torch.device("cuda"), "nccl", torch.bfloat16, True)

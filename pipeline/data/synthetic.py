@@ -55,7 +55,6 @@ PARAMS: dict = {
     "min_image_side": 256,  # smaller photographs are upscaled 2x (page, text)
     "views_per_image": 8,  # target images 2..9 of each synthetic sequence
     "max_keypoints": 3000,  # DoG keypoints kept per photograph (strongest first)
-    "repeatable": False,  # views are exact everywhere: every mapped point is a true correspondence
     "max_tilt_deg": 65.0,  # out-of-plane tilt, uniform: foreshortening 1 .. 1/cos(65) = 2.4
     "rotation_deg": 30.0,  # in-plane, uniform +-
     "scale_range": [0.6, 1.6],  # zoom, log-uniform
@@ -163,9 +162,8 @@ def render_view(img1: np.ndarray, hom: np.ndarray, rng: np.random.Generator) -> 
 
     p = PARAMS
     h, w = img1.shape
-    centre = np.array([(w - 1) / 2, (h - 1) / 2, 1.0])
-    x = hom @ centre
-    jac = (hom[:2, :2] - np.outer(x[:2] / x[2], hom[2, :2])) / x[2]
+    centre_frame = np.array([[[1.0, 0.0, (w - 1) / 2], [0.0, 1.0, (h - 1) / 2]]])
+    jac = sequences.map_frames(centre_frame, hom)[0][0, :, :2]  # H's Jacobian at the image centre
     a_inv = np.linalg.inv(jac)
     src = torch.from_numpy(np.ascontiguousarray(img1))[None, None]
     src = _blur(src, 0.25 * (a_inv @ a_inv.T - np.eye(2)))
@@ -192,7 +190,8 @@ def synthetic_sequence(ref: str, rng: np.random.Generator, patch_size: int) -> s
     homs = {k: random_homography(img1.shape, rng) for k in range(2, 2 + PARAMS["views_per_image"])}
     views = {k: render_view(img1, hom, rng) for k, hom in homs.items()}
     return sequences.correspondences(ref, img1, views, homs, patch_size, PARAMS["max_keypoints"],
-                                     source=source_path(ref), repeatable=PARAMS["repeatable"])
+                                     source=source_path(ref),
+                                     repeatable=False)  # views are exact everywhere: no occluders to drop
 
 
 def _train_split(cors: list[sequences.Correspondences], n: int, patch: int, rng: np.random.Generator
