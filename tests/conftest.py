@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Ray Train's controller polls its workers every 2 s, so every run sat ~4 s idle after its last
+# report; the tests start ~60 runs (in-process and in CLI subprocesses, which inherit this).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
 
 import pytest
 
@@ -26,10 +29,12 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """Real tar shards from the real generator, small: 16 train shards of 256 pairs, 4 eval shards."""
+    from helpers import FEW_IMAGES
     from pipeline.data.synthetic import generate_synthetic
 
     out = tmp_path_factory.mktemp("shards")
-    generate_synthetic(out, train_pairs=4096, eval_pairs=1024, pairs_per_block=128, blocks_per_shard=2, seed=0, progress=False)
+    generate_synthetic(out, train_pairs=4096, eval_pairs=1024, pairs_per_block=128, blocks_per_shard=2, seed=0,
+                       images=FEW_IMAGES, progress=False)
     return out
 
 

@@ -12,10 +12,28 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import Config
 
 
+# Two small photographs per split: generation in ~2 s instead of ~30 s for the default twenty.
+# Tests that need the default set (tests/test_synthetic.py's seed0) leave images unset.
+FEW_IMAGES = {"train": ["skimage:chelsea.png", "skimage:brick.png"],
+              "eval": ["skimage:coins.png", "skimage:clock_motion.png"]}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1. All sockets stay bound until every port is chosen:
+    binding and closing one at a time lets the kernel hand out the same port twice (a CI run gave
+    Ray's GCS and client server the same one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def start_mlflow_server(folder, port: int) -> subprocess.Popen:

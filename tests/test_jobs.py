@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from helpers import small_config
+from helpers import FEW_IMAGES, free_ports, small_config
 from pipeline import submit
 
 VENV_BIN = Path(sys.executable).parent
@@ -99,12 +98,6 @@ def test_shards_and_promote_steps_need_their_arguments(capsys):
 
 # ----------------------------------------------------------------------------- the real head
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pids_with_marker(marker: bytes) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -139,7 +132,8 @@ def shards(tmp_path_factory):
     from pipeline.data.synthetic import generate_synthetic
 
     out = tmp_path_factory.mktemp("job-shards")
-    generate_synthetic(out, train_pairs=1024, eval_pairs=256, pairs_per_block=64, blocks_per_shard=2, progress=False)
+    generate_synthetic(out, train_pairs=1024, eval_pairs=256, pairs_per_block=64, blocks_per_shard=2,
+                       images=FEW_IMAGES, progress=False)
     return out
 
 
@@ -159,10 +153,10 @@ def head(tmp_path_factory):
         RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is this venv's
     )
-    dashboard_port = _free_port()
-    ports = {name: _free_port() for name in (
-        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")}
+    names = ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    dashboard_port, *component_ports = free_ports(1 + len(names))
+    ports = dict(zip(names, component_ports))
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", '--resources={"trial_slot": 2}',
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={root / 'r'}",
            "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]

@@ -68,7 +68,8 @@ sweep:
     assert f"resuming sweep {sweep_id}" in resumed.stdout
 
     children = _children(client, parent_id)
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children), [c.info.status for c in children]
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children), (
+        [c.info.status for c in children], resumed.stdout[-4000:], resumed.stderr[-4000:])
     for c in children:
         steps = [m.step for m in client.get_metric_history(c.info.run_id, METRIC)]
         assert sorted(steps) == [1, 2, 3], f"{c.info.run_id}: epochs logged {steps}"  # none twice, none missing

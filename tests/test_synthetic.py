@@ -4,11 +4,14 @@ against the homography, and that positives show the same point."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
+
+from helpers import FEW_IMAGES
 
 import pipeline.data.synthetic as synmod
 from pipeline.data.shards import load_manifest, read_blocks, shard_paths, verify_shards
@@ -20,7 +23,7 @@ KW = dict(train_pairs=300, eval_pairs=400, patch_size=32, pairs_per_block=64, bl
 @pytest.fixture(scope="module")
 def seed0(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("synth0")
-    return out, generate_synthetic(out, seed=0, **KW)
+    return out, generate_synthetic(out, seed=0, images=FEW_IMAGES, **KW)
 
 
 def load(shard_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,14 +40,24 @@ def l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(((a.astype(np.float64) - b.astype(np.float64)) ** 2).sum((-2, -1)))
 
 
-def test_deterministic_given_seed(tmp_path: Path, monkeypatch) -> None:
-    # two photographs per split keep this cheap; the full default set is exercised by seed0
-    monkeypatch.setattr(synmod, "TRAIN_IMAGES", synmod.TRAIN_IMAGES[:2])
-    monkeypatch.setattr(synmod, "EVAL_IMAGES", synmod.EVAL_IMAGES[:2])
-    one, again, other = (generate_synthetic(tmp_path / name, seed=seed, **KW)
-                         for name, seed in (("one", 0), ("again", 0), ("other", 1)))
+def test_deterministic_given_seed(seed0, tmp_path: Path) -> None:
+    one = seed0[1]
+    again, other = (generate_synthetic(tmp_path / name, seed=seed, images=FEW_IMAGES, **KW)
+                    for name, seed in (("again", 0), ("other", 1)))
     assert shas(again) == shas(one)
     assert not set(shas(other)) & set(shas(one))
+    assert one["generator"]["images"] == FEW_IMAGES  # the manifest names the photographs actually used
+
+
+@pytest.mark.parametrize("images, message", [
+    ({"train": ["skimage:brick.png"], "eval": ["skimage:brick.png"]}, "train and eval share ['skimage:brick.png']"),
+    ({"train": [], "eval": ["skimage:coins.png"]}, "at least one photograph per split"),
+    ({"train": ["pillow:lena.png"], "eval": ["skimage:coins.png"]}, "unknown source package 'pillow'"),
+])
+def test_bad_image_choice_fails_before_writing(tmp_path: Path, images: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate_synthetic(tmp_path / "out", images=images, **KW)
+    assert not (tmp_path / "out").exists()
 
 
 def test_manifest_and_sources(seed0) -> None:
@@ -52,15 +65,19 @@ def test_manifest_and_sources(seed0) -> None:
     assert load_manifest(out)["splits"] == m["splits"]
     verify_shards(out)
     assert not list(out.glob("*.tmp"))
-    images = m["generator"]["images"]
-    assert images == source_images()
-    assert not set(images["train"]) & set(images["eval"])
-    for ref in images["train"] + images["eval"]:  # bundled in the wheels: no download needed
-        assert os.path.isfile(source_path(ref)), ref
-    assert len({ref.split(":")[0] for ref in images["train"]}) > 1  # more than one PyPI package
     assert m["generator"]["seed"] == 0 and m["source"] == "synthetic" and m["patch_size"] == 32
     # 300 pairs in blocks of 64, two blocks per shard -> 5 blocks -> 3 shards
     assert [(s["pairs"], s["blocks"]) for s in m["splits"]["train"]["shards"]] == [(128, 2), (128, 2), (44, 1)]
+
+
+def test_default_photographs_are_bundled_and_disjoint() -> None:
+    images = source_images()
+    assert not set(images["train"]) & set(images["eval"])
+    for ref in images["train"] + images["eval"]:  # bundled in the wheels: no download needed
+        assert os.path.isfile(source_path(ref)), ref
+        im = synmod.load_image(ref)
+        assert im.dtype == np.float32 and min(im.shape) >= synmod.PARAMS["min_image_side"] and 0 <= im.min() < im.max() <= 1, ref
+    assert len({ref.split(":")[0] for ref in images["train"]}) > 1  # more than one PyPI package
 
 
 def test_train_split_all_positive_unique_ids(seed0) -> None:

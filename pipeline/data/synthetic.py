@@ -245,13 +245,12 @@ def _eval_split(cors: list[sequences.Correspondences], n: int, patch: int, rng: 
     return pairs[order], labels[order], ids[order]
 
 
-def _make_split(split: str, n_pairs: int, patch: int, seed: int, progress: bool = False
+def _make_split(split: str, refs: list[str], n_pairs: int, patch: int, seed: int, progress: bool = False
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from tqdm import tqdm
 
     # Independent stream per split: changing train_pairs leaves the eval data unchanged.
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0 if split == "train" else 1]))
-    refs = source_images()[split]
     cors = [synthetic_sequence(ref, rng, patch)
             for ref in tqdm(refs, desc=f"synthetic {split} sequences", unit="image", disable=not progress)]
     return (_train_split if split == "train" else _eval_split)(cors, n_pairs, patch, rng)
@@ -259,11 +258,20 @@ def _make_split(split: str, n_pairs: int, patch: int, seed: int, progress: bool 
 
 def generate_synthetic(out_dir: str | os.PathLike, *, train_pairs: int = 20000, eval_pairs: int = 4000,
                        patch_size: int = 32, pairs_per_block: int = 256, blocks_per_shard: int = 8, seed: int = 0,
-                       progress: bool = True) -> dict:
+                       images: dict[str, list[str]] | None = None, progress: bool = True) -> dict:
     """Write train/eval shards of synthetic pairs plus manifest.json to ``out_dir``; return the manifest.
 
+    ``images`` ({"train": [...], "eval": [...]}, "package:file" refs) replaces the default
+    photographs, e.g. a few small ones where generation time matters more than variety (tests).
     Deterministic given the arguments: the same call twice writes byte-identical shards.
     """
+    images = source_images() if images is None else {split: list(images[split]) for split in ("train", "eval")}
+    if not images["train"] or not images["eval"]:
+        raise ValueError(f"synthetic images: need at least one photograph per split, got {images}")
+    if set(images["train"]) & set(images["eval"]):
+        raise ValueError(f"synthetic images: train and eval share {sorted(set(images['train']) & set(images['eval']))}")
+    for ref in images["train"] + images["eval"]:
+        source_path(ref)  # an unknown package fails here, before any work
     if train_pairs < 1 or eval_pairs < 2:
         raise ValueError(f"need train_pairs >= 1 and eval_pairs >= 2, got {train_pairs}, {eval_pairs}")
     if patch_size < 8 or pairs_per_block < 1 or blocks_per_shard < 1:
@@ -275,7 +283,7 @@ def generate_synthetic(out_dir: str | os.PathLike, *, train_pairs: int = 20000, 
     (out / "manifest.json").unlink(missing_ok=True)
     splits = {}
     for split, n in (("train", train_pairs), ("eval", eval_pairs)):
-        pairs, labels, ids = _make_split(split, n, patch_size, seed, progress)
+        pairs, labels, ids = _make_split(split, images[split], n, patch_size, seed, progress)
         blocks = (PairBlock(pairs[i : i + pairs_per_block], labels[i : i + pairs_per_block],
                             ids[i : i + pairs_per_block]) for i in range(0, n, pairs_per_block))
         splits[split] = write_split(out, split, blocks, blocks_per_shard, progress=progress)
@@ -283,6 +291,6 @@ def generate_synthetic(out_dir: str | os.PathLike, *, train_pairs: int = 20000, 
                              generator={
             "name": "pipeline.data.synthetic", "seed": seed, "train_pairs": train_pairs, "eval_pairs": eval_pairs,
             "patch_size": patch_size, "pairs_per_block": pairs_per_block, "blocks_per_shard": blocks_per_shard,
-            "images": source_images(), "eval_id_offset": EVAL_ID_OFFSET, **PARAMS,
+            "images": images, "eval_id_offset": EVAL_ID_OFFSET, **PARAMS,
             "pairs": dict(sequences.PARAMS),
         }, splits=splits)
