@@ -1,6 +1,6 @@
 """ASHA vs running every trial to the end: the same search, side by side, in one run.
 
-    .venv/bin/python benchmarks/sweep.py [--shards shards] [--trials 12] [--epochs 9] [--steps 40]
+    .venv/bin/python benchmarks/sweep.py [--shards shards] [--trials 16] [--epochs 9] [--steps 40]
 
 Both sweeps draw the same seeded random search (margin uniform, learning rate log-uniform: the
 usual partner of ASHA) on the same shards; the script prints each one's wall time, the epochs each
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9, help="max_t: rungs at 1, 3, 9 with --reduction-factor 3")
     parser.add_argument("--steps", type=int, default=40, help="batches of 64 per epoch")
     parser.add_argument("--reduction-factor", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--eval-pairs", type=int, default=2000)
     args = parser.parse_args()
     init_ray()

@@ -141,12 +141,10 @@ def _trial(
         num_workers=cfg.sweep.workers_per_trial if cfg.sweep else None,
         shard_urls=shard_urls,
     )
-    try:
-        trainer.fit()
-    except Exception:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
+    # The terminal status is the driver's to set (run_sweep, from Tune's record): Tune kills this
+    # actor when it stops the trial (ASHA, max_t), and a status written here while it dies could
+    # land after the driver's and overwrite FINISHED with FAILED.
+    trainer.fit()
 
 
 def _outcome(result, mlflow_runs: dict[str, str]) -> TrialOutcome:

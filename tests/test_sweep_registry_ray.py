@@ -40,6 +40,8 @@ def test_sweep_logs_a_parent_with_one_child_per_trial(sweep_run):
     assert parent.info.status == "FINISHED" and parent.data.tags["patchflow.sweep_id"] == result.sweep_id
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert {c.info.run_id for c in children} == {t.mlflow_run_id for t in result.trials}
+    # both ran to max_t: the driver's status stands (a trial actor killed at max_t once overwrote it)
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
     for child, trial in ((c, next(t for t in result.trials if t.mlflow_run_id == c.info.run_id)) for c in children):
         assert float(child.data.params["loss.mc_mu"]) == trial.params["loss.mc_mu"]  # params = validated config
         assert int(child.data.params["train.batch_size"]) == trial.params["train.batch_size"]
