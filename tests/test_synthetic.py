@@ -52,6 +52,7 @@ def test_deterministic_given_seed(seed0, tmp_path: Path) -> None:
 @pytest.mark.parametrize("images, message", [
     ({"train": ["skimage:brick.png"], "eval": ["skimage:brick.png"]}, "train and eval share ['skimage:brick.png']"),
     ({"train": [], "eval": ["skimage:coins.png"]}, "at least one photograph per split"),
+    ({"eval": ["skimage:coins.png"]}, "at least one photograph per split"),
     ({"train": ["pillow:lena.png"], "eval": ["skimage:coins.png"]}, "unknown source package 'pillow'"),
 ])
 def test_bad_image_choice_fails_before_writing(tmp_path: Path, images: dict, message: str) -> None:

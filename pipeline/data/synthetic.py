@@ -265,7 +265,7 @@ def generate_synthetic(out_dir: str | os.PathLike, *, train_pairs: int = 20000, 
     photographs, e.g. a few small ones where generation time matters more than variety (tests).
     Deterministic given the arguments: the same call twice writes byte-identical shards.
     """
-    images = source_images() if images is None else {split: list(images[split]) for split in ("train", "eval")}
+    images = source_images() if images is None else {split: list(images.get(split, [])) for split in ("train", "eval")}
     if not images["train"] or not images["eval"]:
         raise ValueError(f"synthetic images: need at least one photograph per split, got {images}")
     if set(images["train"]) & set(images["eval"]):
