@@ -40,16 +40,6 @@ class DevicePlan:
         return x
 
 
-def is_channels_last(model: torch.nn.Module) -> bool:
-    """Whether the model's convolutions hold channels_last weights (training converts its tower;
-    a model loaded from the registry or a file is in the default format). Only convolutions with
-    more than one input channel tell: for one channel both formats have the same strides."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1:
-            return m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
-    return False
-
-
 def cpu_has_amx() -> bool:
     """Intel AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 convolutions on them."""
     try:

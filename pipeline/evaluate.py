@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.device import DevicePlan, is_channels_last, plan_for
+from pipeline.device import DevicePlan, plan_for
 from pipeline.metrics import fpr_at_95_recall
 
 
@@ -24,15 +24,10 @@ def describe(
     model.eval()
     fn = getattr(model, method)
     size = getattr(model, "input_size", patches.shape[-1])
-    # Input in the model's own memory format: channels_last input into a default-format model
-    # makes every convolution convert (~6 % slower on CPU for a registry-loaded HardNet).
-    channels_last = plan.channels_last and is_channels_last(model)
     out = []
     try:
         for start in range(0, len(patches), batch_size):
             x = plan.prepare_batch(torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size])).unsqueeze(1))
-            if not channels_last:
-                x = x.contiguous()
             with plan.eval_autocast():
                 out.append(fn(fit_input(x, size)).float().cpu())
     finally:

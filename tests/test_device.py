@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.device import cpu_has_amx, is_channels_last, plan_for
+from pipeline.device import cpu_has_amx, plan_for
 from pipeline.evaluate import describe
 from pipeline.models import create_model
 
@@ -31,16 +31,3 @@ def test_cpu_evaluation_is_fp32_and_matches_a_plain_forward() -> None:
         want = model(torch.from_numpy(patches).float().div(255).unsqueeze(1)).numpy()
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-5)  # bf16 would be ~1e-2 off
-
-
-def test_evaluation_input_follows_the_model_memory_format() -> None:
-    torch.manual_seed(0)
-    plain = create_model("hardnet").eval()
-    converted = create_model("hardnet").eval()
-    converted.load_state_dict(plain.state_dict())
-    converted = converted.to(memory_format=torch.channels_last)
-    assert not is_channels_last(plain) and is_channels_last(converted)
-    assert not is_channels_last(create_model("sift"))  # no convolution at all
-    patches = np.random.default_rng(1).integers(0, 256, (8, 32, 32), dtype=np.uint8)
-    plan = plan_for(use_gpu=False)
-    np.testing.assert_allclose(describe(plain, patches, plan), describe(converted, patches, plan), atol=1e-5)
