@@ -31,7 +31,6 @@ def fpr_at_95_recall(distances: np.ndarray, labels: np.ndarray, recall: float = 
     return false_positives / n_neg
 
 
-
 def bootstrap_interval(distances: np.ndarray, labels: np.ndarray, metric, n: int = 200, seed: int = 0
                        ) -> tuple[float, float]:
     """95 % percentile bootstrap interval of ``metric(distances, labels)`` over the pairs

@@ -427,7 +427,7 @@ def _negative_partners(cor: Correspondences, anchors: np.ndarray, targets: np.nd
 
 
 def eval_pairs(cor: Correspondences, n_pairs: int | None, rng: np.random.Generator, patch_size: int,
-                id_base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               id_base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pts, tgt = cor.candidates()
     if pts.size == 0:
         raise SourceError(f"{cor.name}: no keypoint of image 1 stays inside any target image")
