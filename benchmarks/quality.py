@@ -30,19 +30,16 @@ GRAF = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford_graf"
 
 def registered_models(tracking_uri: str) -> dict[str, str]:
     """arch -> model URI of every patchflow-<arch> with a champion or challenger alias."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import _version_by_alias
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     out = {}
     for rm in sorted(client.search_registered_models("name LIKE 'patchflow-%'"), key=lambda m: m.name):
-        for alias in ("champion", "challenger"):
-            try:
-                client.get_model_version_by_alias(rm.name, alias)
-            except MlflowException:
-                continue
+        alias = next((a for a in ("champion", "challenger") if _version_by_alias(client, rm.name, a)), None)
+        if alias:
             out[rm.name.removeprefix("patchflow-")] = f"models:/{rm.name}@{alias}"
-            break
     return out
 
 
@@ -76,9 +73,10 @@ def main() -> None:
     print(f"\n{'model':28s} {'synthetic eval FPR95':>32s} {'graf FPR95':>32s} {'graf / SIFT':>11s}")
     for name, model in models.items():
         s, r = score(model, *synth), score(model, *real)
-        sift_real = sift_real or r[0]
+        if sift_real is None:  # SIFT is the first row; a perfect 0.0 is still its figure
+            sift_real = r[0]
         print(f"{name:28s} {s[0]:8.4f} [{s[1]:.4f}, {s[2]:.4f}]      {r[0]:8.4f} [{r[1]:.4f}, {r[2]:.4f}]      "
-              f"{r[0] / sift_real:8.2f}x", flush=True)
+              + (f"{r[0] / sift_real:8.2f}x" if sift_real else "     n/a"), flush=True)
     print(f"\n({len(synth[1])} synthetic eval pairs from {args.shards}; {len(real[1])} pairs from {args.images}; "
           f"95 % bootstrap intervals over pairs; {time.perf_counter() - t0:.0f} s)")
 
