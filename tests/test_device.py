@@ -16,7 +16,9 @@ def test_cpu_plan_trains_bf16_only_with_amx() -> None:
     assert plan.device.type == "cpu" and plan.ddp_backend == "gloo" and plan.channels_last
     assert plan.amp_dtype == (torch.bfloat16 if cpu_has_amx() else None)
     x = plan.prepare_batch(torch.full((2, 1, 8, 8), 255, dtype=torch.uint8))
-    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) and float(x.max()) == 1.0
+    # (no layout check on x: a 1-channel batch has the same strides in both memory formats; the
+    # plan's channels_last acts through the model, which the training loop converts)
+    assert x.dtype == torch.float32 and float(x.max()) == 1.0
     with plan.autocast():
         y = torch.nn.functional.conv2d(x, torch.ones(1, 1, 3, 3))
     assert y.dtype == (torch.bfloat16 if cpu_has_amx() else torch.float32)
