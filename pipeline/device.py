@@ -15,6 +15,10 @@ class DevicePlan:
     ddp_backend: str  # Ray Train's TorchConfig backend
     amp_dtype: torch.dtype | None  # autocast dtype, None = full precision
     channels_last: bool
+    # Inference batch: large on a GPU; on a CPU a batch of 128 patches keeps the activations in
+    # cache, and describing 4000 patches with HardNet on one core took 2.4 s against 4.1 s at 1024
+    # (1.2-1.7x for every architecture, 1 and 2 threads).
+    eval_batch_size: int = 1024
 
     @property
     def is_cuda(self) -> bool:
@@ -55,7 +59,7 @@ def plan_for(use_gpu: bool, device: torch.device | None = None) -> DevicePlan:
     without AMX, bf16 is emulated and slower than fp32."""
     if use_gpu:
         return DevicePlan(device or torch.device("cuda"), "nccl", torch.bfloat16, True)
-    return DevicePlan(device or torch.device("cpu"), "gloo", torch.bfloat16 if cpu_has_amx() else None, True)
+    return DevicePlan(device or torch.device("cpu"), "gloo", torch.bfloat16 if cpu_has_amx() else None, True, eval_batch_size=128)
 
 
 def gpu_count() -> int:

@@ -13,13 +13,14 @@ from pipeline.metrics import fpr_at_95_recall
 
 @torch.no_grad()
 def describe(
-    model: nn.Module, patches: np.ndarray, plan: DevicePlan | None = None, batch_size: int = 1024, method: str = "forward"
+    model: nn.Module, patches: np.ndarray, plan: DevicePlan | None = None, batch_size: int | None = None, method: str = "forward"
 ) -> np.ndarray:
     """uint8 patches (N, P, P) -> descriptors (N, D) float32, in eval mode, resized to the
     model's input size when the patches differ (``method="embed"``: HardNet8's pre-PCA output)."""
     from pipeline.objectives import fit_input
 
     plan = plan or plan_for(use_gpu=False)
+    batch_size = batch_size or plan.eval_batch_size
     was_training = model.training
     model.eval()
     fn = getattr(model, method)

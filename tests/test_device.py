@@ -27,8 +27,10 @@ def test_cpu_plan_trains_bf16_only_with_amx() -> None:
 def test_cpu_evaluation_is_fp32_and_matches_a_plain_forward() -> None:
     torch.manual_seed(0)
     model = create_model("hardnet").eval()
-    patches = np.random.default_rng(0).integers(0, 256, (16, 32, 32), dtype=np.uint8)
-    got = describe(model, patches, plan_for(use_gpu=False))
+    plan = plan_for(use_gpu=False)
+    assert plan.eval_batch_size < 300  # so the patches below span several inference batches
+    patches = np.random.default_rng(0).integers(0, 256, (300, 32, 32), dtype=np.uint8)
+    got = describe(model, patches, plan)
     with torch.no_grad():
         want = model(torch.from_numpy(patches).float().div(255).unsqueeze(1)).numpy()
     assert got.dtype == np.float32
