@@ -113,7 +113,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     check_shard_count(len(train_urls), world, cfg.data.loader_workers)
     total_steps = cfg.train.epochs * cfg.train.batches_per_epoch
     logger = RunLogger(loop_config["tracking_uri"], run_id) if rank == 0 else None
-    logged_epochs = logger.logged_steps(METRIC) if rank == 0 and checkpoint is not None else set()
+    # A resumed run can restart from an earlier checkpoint than its last logged epoch, or from none
+    # at all (killed before Ray recorded the first checkpoint): epochs already in MLflow are kept.
+    logged_epochs = logger.logged_steps(METRIC) if rank == 0 else set()
     if rank == 0:
         eval_pairs, eval_labels, _ = load_pairs(urls["eval"], cfg.data.eval_pairs)
     augment_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
@@ -204,8 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 save_state(Path(tmp), model=core, optimizer=optimizer, epoch=epoch, step=step, mlflow_run_id=run_id,
                            cfg=cfg, pca=pca)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            # A restart resumes from the checkpoint Ray had recorded, which can be one report behind
-            # what was logged; epochs are deterministic, so an epoch already in MLflow is not re-logged.
+            # Epochs are deterministic (seeded per epoch), so a re-run epoch's figures are the same.
             if epoch + 1 not in logged_epochs:
                 logger.metrics(metrics, step=epoch + 1)
         else:
