@@ -20,7 +20,7 @@ def _children(client, parent_id):
     return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(synthetic_shards, tmp_path):
+def test_killed_sweep_resumes_without_rerunning_finished_trials(synthetic_shards, ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tmp_path / "sweep.yaml"
     config.write_text(f"""
@@ -36,7 +36,10 @@ sweep:
   search_space: {{loss.margin: {{grid: [0.5, 1.0, 2.0]}}}}
 """)
     # --resume finds the sweep in the tracking store named by MLFLOW_TRACKING_URI (or ./mlflow.db)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": uri}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": uri,
+           # join the session cluster: a killed driver's job (its Tune/Train actors) dies with it,
+           # and each CLI run saves starting and stopping a Ray of its own
+           "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "pipeline.cli", "sweep", "--no-register"]
     first = subprocess.Popen(cmd + ["--config", str(config)], cwd=tmp_path, env=env, start_new_session=True,
                              stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)

@@ -17,13 +17,16 @@ from pipeline.train import METRIC
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train.yaml"
 
 
-def test_killed_train_resumes_under_the_same_name(synthetic_shards, tmp_path):
+def test_killed_train_resumes_under_the_same_name(synthetic_shards, ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(CONFIG),
            "--set", f"data.shards={synthetic_shards}", "--set", "data.eval_pairs=256", "--set", "train.epochs=3",
            "--set", "train.batches_per_epoch=4", "--set", "train.batch_size=16", "--set", "scaling.num_workers=1",
            "--set", f"mlflow.tracking_uri={uri}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           # join the session cluster: a killed driver's job (its Tune/Train actors) dies with it,
+           # and each CLI run saves starting and stopping a Ray of its own
+           "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     first = subprocess.Popen(cmd + ["--set", "run.name=resumable"], cwd=tmp_path, start_new_session=True, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = MlflowClient(uri)
