@@ -79,6 +79,13 @@ def main() -> None:
     print(f"ASHA / full wall time: {t_asha / t_full:.2f}x (target <= 0.5x); "
           f"same best config: {asha.best.params == full.best.params}; "
           f"same configs sampled: {configs(asha) == configs(full)}")
+    # Training is seeded, so ASHA's pick (which ran to max_t) trained identically in the full run: where does it rank
+    # there, and is the gap to the full run's best larger than the eval's own noise?
+    ranked = sorted(full.trials, key=lambda t: t.best_fpr95)
+    rank = next(i for i, t in enumerate(ranked, 1) if t.params == asha.best.params)
+    p, negatives = full.best.best_fpr95, args.eval_pairs // 2
+    print(f"ASHA's pick is the full run's #{rank} of {len(ranked)}: FPR95 {ranked[rank - 1].best_fpr95:.4f} vs "
+          f"{p:.4f}; binomial standard error of one FPR95 on {negatives} negatives: {(p * (1 - p) / negatives) ** 0.5:.4f}")
 
 
 if __name__ == "__main__":

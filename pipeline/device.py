@@ -16,8 +16,8 @@ class DevicePlan:
     amp_dtype: torch.dtype | None  # autocast dtype, None = full precision
     channels_last: bool
     # Inference batch: large on a GPU; on a CPU a batch of 128 patches keeps the activations in
-    # cache, and describing 4000 patches with HardNet on one core took 2.4 s against 4.1 s at 1024
-    # (1.2-1.7x for every architecture, 1 and 2 threads).
+    # cache: 1.1-1.9x faster than 1024 for every architecture on 1 and 2 threads
+    # (benchmarks/cpu_eval.py; HardNet, 4000 patches, one core: 2.4 s against 4.1 s).
     eval_batch_size: int = 1024
 
     @property
