@@ -56,3 +56,16 @@ def test_cli_train_runs_and_logs_one_mlflow_run(ray_cluster, synthetic_shards, t
     assert runs[0].data.params["train.batch_size"] == "16" and runs[0].data.tags["patchflow.run_name"] == "cli-run"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, METRIC)] == [1]
     assert (tmp_path / "runs" / "cli-run").is_dir()
+
+
+def test_restart_without_a_checkpoint_does_not_log_an_epoch_twice(ray_cluster, synthetic_shards, tmp_path, tracking_uri):
+    """A driver killed after rank 0 logged epoch 1 but before Ray recorded its checkpoint: the
+    restart begins at epoch 1 again, in the same MLflow run, and must not log epoch 1 a second time."""
+    cfg = small_config(synthetic_shards, tmp_path, tracking_uri, scaling={"num_workers": 1},
+                       train={"epochs": 2, "batches_per_epoch": 2, "batch_size": 16}, data={"eval_pairs": 128})
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(get_or_create_experiment(client, "test")).info.run_id
+    client.log_metric(run_id, METRIC, 2.0, step=1)  # the killed attempt's epoch 1 (an impossible FPR95, to tell it apart)
+    result = build_trainer(cfg, name="restart-no-checkpoint", tracking_uri=tracking_uri, mlflow_run_id=run_id).fit()
+    history = sorted(client.get_metric_history(run_id, METRIC), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, result.metrics[METRIC])]
