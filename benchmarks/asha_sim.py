@@ -5,8 +5,9 @@
 A model of async ASHA as Ray runs it (``ASHAScheduler``: at each rung a trial goes on when its
 metric is in the top 1/rf of those recorded at that rung so far, so the first trial at a rung
 always goes on), with ``--slots`` trials at a time, one time unit per epoch and ``--fixed`` units
-per trial that no scheduler saves (actor and worker start, process group, shutdown; ~2.3 epochs
-of 40 x 64 pairs on the 2-core VM). A trial's rung metrics share a latent quality with
+per trial that no scheduler saves (actor and worker start, process group, shutdown; estimated
+from a probe sweep's timeline on the 2-core VM at ~20 s, against ~9 s per epoch of 40 x 64
+pairs with its eval, so ~2.3 epochs). A trial's rung metrics share a latent quality with
 correlation ``--rho``. Prints the share of epochs ASHA runs and the ASHA / full wall-time ratio
 over many random orders of the trials: one seeded sweep is one draw from this spread.
 """

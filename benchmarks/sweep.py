@@ -14,8 +14,8 @@ epochs here are sized like a real sweep's, long against that fixed cost, not 20-
 
 ASHA's rungs are Ray's defaults (grace period 1, reduction factor 4: rungs at 1, 4, 16 epochs).
 With rf 3 and 9 epochs (rungs 1, 3, 9) the search is too shallow for ASHA: async ASHA promotes
-every first trial at a rung, so with 16 trials the expected share of epochs run is ~0.38 and the
-wall-time ratio, with the fixed cost, ~0.52 (simulated; the measured run gave 0.60x).
+every first trial at a rung, so with 16 trials it runs ~0.38 of the epochs and the median
+wall-time ratio, with the fixed cost, is 0.51 (benchmarks/asha_sim.py; the measured run gave 0.60x).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def main() -> None:
     print(f"ASHA / full wall time: {t_asha / t_full:.2f}x (target <= 0.5x); "
           f"same best config: {asha.best.params == full.best.params}; "
           f"same configs sampled: {configs(asha) == configs(full)}")
-    # Training is seeded, so ASHA's pick (which ran to max_t) trained identically in the full run: where does it rank
-    # there, and is the gap to the full run's best larger than the eval's own noise?
+    # Training is seeded, so a config trains identically in both runs up to where ASHA stopped it:
+    # where does ASHA's pick rank in the full run, and is its gap larger than the eval's own noise?
     ranked = sorted(full.trials, key=lambda t: t.best_fpr95)
     rank = next(i for i, t in enumerate(ranked, 1) if t.params == asha.best.params)
     p, negatives = full.best.best_fpr95, args.eval_pairs // 2
