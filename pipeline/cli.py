@@ -17,6 +17,8 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+REDETECT_HELP = "positives only where the detector finds the point again in image k (PhotoTour's criterion; easier pairs)"
+
 def _load(args):
     from pipeline.config import load_config, parse_overrides
 
@@ -46,7 +48,7 @@ def cmd_shards(args) -> int:
         from pipeline.data.sequences import sequence_to_shards
 
         manifest = sequence_to_shards(args.roots, args.out, split=args.split, eval_dirs=args.eval_dirs,
-                                      pairs_per_sequence=args.pairs_per_sequence, **common)
+                                      pairs_per_sequence=args.pairs_per_sequence, redetect=args.redetect, **common)
     counts = ", ".join(f"{v['pairs']} {k} pairs in {len(v['shards'])} shard(s)" for k, v in manifest["splits"].items())
     print(f"[patchflow] wrote {counts} to {Path(args.out).resolve()} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -73,7 +75,8 @@ def cmd_evaluate(args) -> int:
     from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
 
     t0 = time.perf_counter()
-    pairs, labels, _ = sequence_pairs(args.images, n_pairs=args.pairs, seed=args.seed, progress=True)
+    pairs, labels, _ = sequence_pairs(args.images, n_pairs=args.pairs, seed=args.seed, redetect=args.redetect,
+                                      progress=True)
     models = {"sift (kornia)": SiftBaseline(pairs.shape[-1])}
     for spec in args.model or []:
         models[spec] = _load_model(spec)
@@ -94,6 +97,7 @@ def cmd_evaluate(args) -> int:
                                 run_name=f"evaluate-{Path(args.images).name}", tags={"patchflow.kind": "evaluation"})
         logger = RunLogger(uri, run.info.run_id)
         logger.params({"images": str(Path(args.images).resolve()), "pairs": len(labels), "seed": args.seed,
+                       "redetect": args.redetect,
                        "models": ",".join(models)})
         for i, (name, values) in enumerate(results.items()):
             key = "sift" if name.startswith("sift") else f"model{i}"
@@ -330,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--split", choices=["train", "eval", "both"], default="eval")
     im.add_argument("--eval-dirs", type=Path, nargs="*")
     im.add_argument("--pairs-per-sequence", type=int)
+    im.add_argument("--redetect", action="store_true", help=REDETECT_HELP)
     for p in (syn, pt, hp, im):
         p.add_argument("--out", required=True, type=Path)
         p.add_argument("--patch-size", type=int, default=32)
@@ -357,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", action="append", help="models:/patchflow-hardnet@champion, runs:/..., or a checkpoint folder")
     ev.add_argument("--pairs", type=int, help="pairs per sequence (default: all detected)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--redetect", action="store_true", help=REDETECT_HELP)
     ev.add_argument("--experiment", default="patchflow-evaluation")
     ev.add_argument("--no-mlflow", action="store_true")
     ev.set_defaults(func=cmd_evaluate)

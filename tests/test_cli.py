@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -65,3 +66,11 @@ def test_evaluate_command_on_real_graf(tmp_path, monkeypatch, capsys):
     assert len(runs) == 1 and runs[0].data.metrics["sift/fpr95"] == pytest.approx(sift)
     lo, hi = runs[0].data.metrics["sift/fpr95_low"], runs[0].data.metrics["sift/fpr95_high"]
     assert lo <= sift <= hi
+    assert runs[0].data.params["redetect"] == "False"
+    # --redetect: PhotoTour's re-detection criterion on top, so other (fewer-candidate) pairs
+    assert main(args + ["--redetect", "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    pairs_r, labels_r, _ = sequence_pairs(GRAF, n_pairs=400, seed=3, redetect=True)
+    assert not np.array_equal(pairs_r, pairs)
+    sift_r = fpr_at_95_recall(pair_distances(SiftBaseline(), pairs_r), labels_r)
+    assert re.search(rf"sift \(kornia\)\s+{sift_r:.4f}\s+\[", out)

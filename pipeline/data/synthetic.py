@@ -191,7 +191,7 @@ def synthetic_sequence(ref: str, rng: np.random.Generator, patch_size: int) -> s
     views = {k: render_view(img1, hom, rng) for k, hom in homs.items()}
     return sequences.correspondences(ref, img1, views, homs, patch_size, PARAMS["max_keypoints"],
                                      source=source_path(ref),
-                                     repeatable=False)  # views are exact everywhere: no occluders to drop
+                                     plane_check=False)  # views are exact everywhere: no occluders to drop
 
 
 def _train_split(cors: list[sequences.Correspondences], n: int, patch: int, rng: np.random.Generator
