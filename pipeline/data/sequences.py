@@ -548,8 +548,8 @@ def sequence_pairs(seq_dir: str | os.PathLike, *, n_pairs: int | None = None, ta
     ``sequence_index << 32 | keypoint``). ``n_pairs``: pairs per sequence, half positive (default:
     every correspondence once as a positive plus as many negatives). ``targets``: image indices
     paired with image 1 (default all, e.g. 2..6). ``redetect``: positives only where the detector
-    finds the point again in image k (PhotoTour's criterion; easier pairs). Identical output for identical arguments: the
-    same pairs ``sequence_to_shards(seq_dir, ..., split="eval")`` writes.
+    finds the point again in image k (PhotoTour's criterion; easier pairs). Identical output for
+    identical arguments: the same pairs ``sequence_to_shards(seq_dir, ..., split="eval")`` writes.
     """
     _check(patch_size, max_keypoints, n_pairs, 2)
     dirs = find_sequences(seq_dir) if _scan(Path(seq_dir)) is None else [Path(seq_dir)]
