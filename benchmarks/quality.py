@@ -7,7 +7,8 @@ each with a 95 % bootstrap interval.
 Models are the ``champion`` (else ``challenger``) versions of ``patchflow-<arch>`` in the tracking
 store the demo wrote (``--tracking-uri``, default ``sqlite:///mlflow.db``). Graf pairs are built
 the way ``patchflow evaluate --images`` builds them (all correspondences of img2..img6 vs img1
-where the homography holds, half positive, seed 0); graf is only ever evaluated on, never trained or tuned on.
+where the homography holds, half positive, seed 0; ``--redetect`` for PhotoTour's re-detection
+criterion on top); graf is only ever evaluated on, never trained or tuned on.
 Issue 7's target: the demo's champion (HardNet) at FPR95 <= 0.5x SIFT's on graf.
 """
 

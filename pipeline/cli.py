@@ -19,6 +19,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REDETECT_HELP = "positives only where the detector finds the point again in image k (PhotoTour's criterion; easier pairs)"
 
+
 def _load(args):
     from pipeline.config import load_config, parse_overrides
 
