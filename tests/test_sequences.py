@@ -3,6 +3,8 @@ layouts (HPatches 1.ppm/H_1_k, Oxford img1.png/H1tokp), and the real Oxford graf
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -256,7 +258,7 @@ def test_circle_overlap_error_matches_monte_carlo() -> None:
         assert seqmod.circle_overlap_error(d, a, b) == pytest.approx(expected, abs=0.01), (d, a, b)
 
 
-def test_points_on_an_occluder_are_not_positives(tmp_path) -> None:
+def test_points_on_an_occluder_are_not_positives(tmp_path, caplog) -> None:
     """Image 2 = image 1 shifted, except its right half shows something else (a car in front of
     the wall): H maps those points geometrically fine, but the homography does not explain image 2
     there, so they are not positives; on the left half they are. The optional re-detection
@@ -267,6 +269,7 @@ def test_points_on_an_occluder_are_not_positives(tmp_path) -> None:
     save(d / "2.ppm", img2)
     seq = open_sequence(d)
     x2 = None
+    caplog.set_level(logging.INFO, logger="pipeline.data.sequences")
     for redetect in (False, True):
         cor = seqmod._correspondences(seq, [2], 32, 2000, redetect=redetect)
         x2 = cor.lafs[2][:, 0, 2]
@@ -274,6 +277,9 @@ def test_points_on_an_occluder_are_not_positives(tmp_path) -> None:
         assert left.sum() > 20 and right.sum() > 20
         assert cor.valid[2][left].mean() > 0.6 and cor.valid[2][right].mean() < 0.15, (
             redetect, cor.valid[2][left].mean(), cor.valid[2][right].mean())
+    # the user is told how many the check left out: about the right half's share
+    logged = re.search(r"occluded: (\d+) of (\d+) \(point, image\) correspondences left out", caplog.text)
+    assert logged and 0.3 < int(logged[1]) / int(logged[2]) < 0.7, caplog.text
     # geometry alone keeps both halves: it is the plane check that drops the occluder
     img1 = seqmod.read_image(seq.images[1])
     geometric = seqmod.correspondences("occluded", img1, {2: seqmod.read_image(seq.images[2])},

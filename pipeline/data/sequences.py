@@ -443,14 +443,20 @@ def correspondences(name: str, img1: np.ndarray, images: dict[int, np.ndarray], 
         raise SourceError(f"{source or name}: no keypoints detected")
     grow, margin = _jitter_room()
     tensors, lafs, valid = {}, {}, {}
+    inside = off_plane = 0
     for k, img in images.items():
         mapped, ok = map_frames(lafs1, homs[k])
         ok &= frames_inside(mapped, img.shape, grow, margin * laf_scale(mapped))
         if plane_check:
-            ok &= on_plane(lafs1, plane_ncc(img1, img, homs[k]))
+            kept = ok & on_plane(lafs1, plane_ncc(img1, img, homs[k]))
+            inside, off_plane = inside + int(ok.sum()), off_plane + int((ok & ~kept).sum())
+            ok = kept
         if redetect:
             ok &= redetected(mapped, detect_frames(img, 2 * max_keypoints))
         tensors[k], lafs[k], valid[k] = _to_tensor(img), mapped, ok
+    if plane_check:  # a large share means a sequence with much off the plane, or a wrong H file
+        logger.info("%s: %d of %d (point, image) correspondences left out where the homography does not hold",
+                    name, off_plane, inside)
     patches1 = extract(_to_tensor(img1), lafs1, patch_size)
     return Correspondences(name, lafs1, patches1, list(images), tensors, lafs, valid)
 
