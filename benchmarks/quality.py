@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cli import REDETECT_HELP
 from pipeline.data.sequences import sequence_pairs
 from pipeline.data.shards import shard_paths
 from pipeline.data.stream import load_pairs
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--shards", default="shards", help="the demo's shards (their eval split)")
     parser.add_argument("--eval-pairs", type=int, default=4000)
     parser.add_argument("--images", default=str(GRAF), help="sequence folder with ground-truth homographies")
-    parser.add_argument("--redetect", action="store_true", help="graf positives only where DoG finds the point again")
+    parser.add_argument("--redetect", action="store_true", help=REDETECT_HELP)
     args = parser.parse_args()
     import mlflow
 
