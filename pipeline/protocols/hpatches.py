@@ -99,7 +99,7 @@ def image_index(code: np.ndarray | int, difficulty: str) -> np.ndarray:
     return np.where(code == 0, 0, 1 + 5 * "eht".index(difficulty) + code - 1)
 
 
-def test_order(root: str | os.PathLike, split: str = "a", splits_json: str | os.PathLike | None = None) -> list[str]:
+def split_order(root: str | os.PathLike, split: str = "a", splits_json: str | os.PathLike | None = None) -> list[str]:
     """A split's test sequences in the order the benchmark draws from: ``splits_json``'s (or the
     official ``splits.json``'s) list; sequences the official lists do not name go last, sorted."""
     names = split_sequences(root, split, splits_json)["test"]
@@ -263,7 +263,7 @@ def hpatches_tasks(root: str | os.PathLike, split: str = "a", *, tasks: Sequence
     if bad:
         raise ValueError(f"unknown HPatches task(s) {sorted(bad)}; expected some of {list(TASKS)}")
     rel = release_dir(root)
-    order = test_order(root, split, splits_json)
+    order = split_order(root, split, splits_json)
     if not order:
         raise SourceError(f"{rel}: HPatches split {split!r} has no test sequences")
     refs = [read_stack(rel / s / "ref.png") for s in tqdm(order, desc="hpatches ref", unit="seq", disable=not progress)]
@@ -558,4 +558,4 @@ def evaluate_hpatches(root: str | os.PathLike, models: Mapping[str, nn.Module] |
 
 
 __all__ = ["BENCHMARK_ORDER", "HPatchesResult", "HPatchesTasks", "POOL_SIZES", "TASKS", "evaluate_hpatches",
-           "generate_retrieval", "generate_verification", "hpatches_tasks", "image_index", "test_order"]
+           "generate_retrieval", "generate_verification", "hpatches_tasks", "image_index", "split_order"]
