@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.data.hpatches import IMAGE_NAMES, OFFICIAL_SEQUENCES, OFFICIAL_SPLITS
 from pipeline.data.shards import SourceError
+from pipeline.models import create_model
 from pipeline.protocols import SIFT_NAME, evaluate_hpatches, hpatches_tasks
 from pipeline.protocols.hpatches import BENCHMARK_ORDER, _benchmark_auc, split_order
 from test_metrics import reference_pr_ap
@@ -244,7 +245,8 @@ def test_every_map_equals_brute_force(release) -> None:
     assert list(res.summary(SIFT_NAME)) == ["verification", "matching", "retrieval"]
     lines = res.table().splitlines()
     assert lines[1].split() == ["model", "verification", "matching", "retrieval"]
-    assert lines[3].split()[0] == "sift" and lines[4].split() == ["raw", *(f"{s[k]:.2f}" for k in ("verification", "matching", "retrieval"))]
+    assert lines[3].split()[0] == "sift"
+    assert lines[4].split() == ["raw", *(f"{s[k]:.2f}" for k in ("verification", "matching", "retrieval"))]
     assert "Tough" in res.detail_table() and res.metrics()["raw/matching/mAP"] == s["matching"]
     json.dumps(res.to_dict())
 
@@ -264,8 +266,12 @@ def test_task_files_are_used_as_given(release, tmp_path: Path) -> None:
                                ("retr_queries_split-s.csv", "s,idx", q), ("retr_distractors_split-s.csv", "s,idx", d)]:
         (folder / name).write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
     kw = dict(split="s", splits_json=root / "splits.json", patch_size=65, pool_sizes=(6, 7, 50), sift=False)
-    res = evaluate_hpatches(root, {"raw": RawPatch()}, tasks_dir=folder, tasks=("verification", "retrieval"), **kw)
+    models = {"raw": RawPatch(), "matchnet": create_model("matchnet")}
+    res = evaluate_hpatches(root, models, tasks_dir=folder, tasks=("verification", "retrieval"), **kw)
     assert res.sources == {"verification": str(folder), "retrieval": str(folder)} and "raw" not in res.matching
+    # MatchNet's metric network scores the verification pairs; all-pairs retrieval is left out
+    assert set(res.verification) == {"raw", "matchnet"} and set(res.retrieval) == {"raw"}
+    assert "pair classifier" in res.skipped["matchnet"]["retrieval"] and "retrieval skipped" in res.table()
     desc = descriptors(truth)
     want_v = brute_verification(desc, {"pos": v, "neg_intra": intra, "neg_inter": inter})
     want_r = brute_retrieval(desc, q, d, (6, 7, 50))

@@ -100,6 +100,19 @@ def test_fpr95_is_the_brute_force_figure_of_the_pair_files(scenes) -> None:
     assert res.to_dict()["columns"][1]["match_file"] == "m50_1000_1000_0.txt"
 
 
+def test_pair_classifier_ranks_pairs_with_its_metric_network(scenes) -> None:
+    from pipeline.data.phototour import phototour_eval_pairs
+    from pipeline.evaluate import pair_distances
+    from pipeline.metrics import fpr_at_95_recall
+    from pipeline.models import create_model
+
+    torch.manual_seed(0)
+    matchnet = create_model("matchnet")
+    res = evaluate_phototour([scenes["liberty"]], {"matchnet": matchnet}, sift=False, patch_size=64, bootstrap=10)
+    pairs, labels, _ = phototour_eval_pairs(scenes["liberty"], patch_size=64, progress=False)
+    assert res.fpr95["matchnet"][0] == pytest.approx(fpr_at_95_recall(pair_distances(matchnet, pairs), labels))
+
+
 def test_resized_patches_and_match_file_choice(scenes, tmp_path: Path) -> None:
     # 32 px (the default): each patch is the 2x2 mean of the 64 px one, described by the raw model.
     res = evaluate_phototour({"lib": scenes["liberty"]}, {"raw": RawPatch()}, sift=False, bootstrap=20)

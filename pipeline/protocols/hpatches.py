@@ -266,8 +266,12 @@ def hpatches_tasks(root: str | os.PathLike, split: str = "a", *, tasks: Sequence
     order = split_order(root, split, splits_json)
     if not order:
         raise SourceError(f"{rel}: HPatches split {split!r} has no test sequences")
-    refs = [read_stack(rel / s / "ref.png") for s in tqdm(order, desc="hpatches ref", unit="seq", disable=not progress)]
-    lengths = np.array([len(r) for r in refs], np.int64)
+    lengths, std = [], []  # patches per sequence; np.std of each 65x65 ref patch (gen_retrieval's filter)
+    for seq in tqdm(order, desc="hpatches ref", unit="seq", disable=not progress):
+        ref = read_stack(rel / seq / "ref.png")
+        lengths.append(len(ref))
+        std.append(ref.reshape(len(ref), -1).std(1))
+    lengths = np.array(lengths, np.int64)
     out = HPatchesTasks(split, order, lengths)
     index = {s: i for i, s in enumerate(order)}
     folders = [Path(tasks_dir)] if tasks_dir is not None else [Path(root), Path(root) / "tasks"]
@@ -277,7 +281,8 @@ def hpatches_tasks(root: str | os.PathLike, split: str = "a", *, tasks: Sequence
         names = [p.format(split) for p in VERIF_FILES.values()]
         found = _find(folders, names)
         if found is not None:
-            out.verification = {k: _read_rows(found / n, _VERIF_HEADER, index, lengths) for k, n in zip(VERIF_FILES, names)}
+            out.verification = {k: _read_rows(found / n, _VERIF_HEADER, index, lengths)
+                                for k, n in zip(VERIF_FILES, names)}
             n_pos = len(out.verification["pos"])
             for k in ("neg_intra", "neg_inter"):
                 if len(out.verification[k]) != n_pos:
@@ -285,6 +290,10 @@ def hpatches_tasks(root: str | os.PathLike, split: str = "a", *, tasks: Sequence
                                       f"{names[0]} has {n_pos} (the benchmark pairs negative i with positive i)")
             out.sources["verification"] = str(found)
         else:
+            if (lengths < 2).any():
+                short = order[int(np.argmax(lengths < 2))]
+                raise SourceError(f"{rel / short / 'ref.png'}: a single patch; generated verification pairs need two "
+                                  f"points per sequence")
             out.verification = generate_verification(lengths, verification_pairs, seed)
             out.sources["verification"] = f"generated (gen_verif, seed {seed}, {int(verification_pairs)} pairs)"
     if "retrieval" in tasks:
@@ -294,7 +303,6 @@ def hpatches_tasks(root: str | os.PathLike, split: str = "a", *, tasks: Sequence
             out.queries, out.distractors = (_read_rows(found / n, _RETR_HEADER, index, lengths) for n in names)
             out.sources["retrieval"] = str(found)
         else:
-            std = [r.reshape(len(r), -1).std(1) for r in refs]
             out.queries, out.distractors = generate_retrieval(lengths, std, retrieval_queries, retrieval_distractors,
                                                               seed)
             out.sources["retrieval"] = (f"generated (gen_retrieval, seed {seed}, {len(out.queries)} queries, "

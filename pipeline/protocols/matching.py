@@ -217,6 +217,8 @@ def evaluate_image_matching(sequences: str | os.PathLike | Sequence[str | os.Pat
     dirs = _sequence_dirs(sequences)
     rows = with_sift(models, patch_size, sift)
     names = [d.name for d in dirs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"sequence folders must have distinct names (results are keyed by name): {names}")
     result = ImageMatchingResult(names, {}, tuple(thresholds), tuple(homography_thresholds),
                                  {"max_keypoints": max_keypoints, "patch_size": patch_size,
                                   "ransac_threshold": ransac_threshold, "seed": seed,
