@@ -631,7 +631,9 @@ def test_mlflow_server_uses_postgres_and_s3_with_credentials_from_secrets(objs):
     args = dict(a.split("=", 1) for a in container["args"] if "=" in a)
     # no credential in the URI: libpq reads PGUSER / PGPASSWORD / PGDATABASE from the environment
     backend = urlsplit(args["--backend-store-uri"])
-    assert (backend.scheme, backend.hostname, backend.port, backend.username, backend.path) == ("postgresql", "postgres", 5432, None, "/")
+    assert (backend.scheme, backend.hostname, backend.port, backend.username, backend.path) == ("postgresql+psycopg2", "postgres", 5432, None, "/")
+    # the driver by name: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the image lacks
+    assert re.search(r'"psycopg2-binary[<>=]', (K8S / "Dockerfile").read_text()), "the image installs the URI's driver"
     assert parse_qs(backend.query)["sslmode"] == ["verify-full"]
     assert args["--artifacts-destination"].startswith("s3://")
     env = kr.env_of(container)
