@@ -788,3 +788,17 @@ def test_dockerfile_builds_a_cuda_non_root_image_with_the_repo_at_app():
     ignore = [line.strip() for line in (K8S / "Dockerfile.dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert ignore[0] == "*" and "!pipeline/" in ignore, "the build context leaves .venv / shards / runs out"
+
+
+def test_dockerfile_installs_what_the_basic_auth_server_needs():
+    """The MLflow pod runs `mlflow server --app-name basic-auth` from this image: every requirement
+    of MLflow's `auth` extra (from MLflow's own metadata) is installed."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    needed = [Requirement(r).name for r in requires("mlflow") or [] if 'extra == "auth"' in r]
+    assert needed, "MLflow's metadata lists no auth extra"
+    text = (K8S / "Dockerfile").read_text()
+    for name in needed:
+        assert re.search(rf'"{re.escape(name)}[<>=~!]', text, re.I), f"k8s/Dockerfile does not install {name}"
