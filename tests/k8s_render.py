@@ -572,13 +572,21 @@ def postgres_settings(args: list[str]) -> dict[str, str]:
     return out
 
 
-def _mounted_source(c: dict, pod: dict, path: str) -> tuple[str, dict] | None:
+def mounted_source(c: dict, pod: dict, path: str) -> tuple[str, dict] | None:
     """The volume (name, spec) a container sees at file ``path``."""
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     for m in sorted(c.get("volumeMounts", []), key=lambda m: -len(m["mountPath"])):
         if path.startswith(m["mountPath"].rstrip("/") + "/"):
             return m["name"], volumes.get(m["name"], {})
     return None
+
+
+def mounted_config_file(c: dict, pod: dict, path: str, config_maps: dict[str, dict]) -> str | None:
+    """The text a container reads at file ``path`` from a mounted ConfigMap ({name: data}), or None."""
+    source = mounted_source(c, pod, path)
+    if source is None or "configMap" not in source[1]:
+        return None
+    return config_maps.get(source[1]["configMap"]["name"], {}).get(path.rsplit("/", 1)[-1])
 
 
 def check_postgres_tls(objs: list[dict]) -> list[str]:
@@ -601,14 +609,11 @@ def check_postgres_tls(objs: list[dict]) -> list[str]:
             if settings.get("ssl") != "on":
                 problems.append(f"{where}: Postgres runs without ssl=on")
             for key in ("ssl_cert_file", "ssl_key_file"):
-                source = _mounted_source(c, pod, settings.get(key, ""))
+                source = mounted_source(c, pod, settings.get(key, ""))
                 if source is None or "secret" not in source[1]:
                     problems.append(f"{where}: {key} must name a file of a mounted Secret, got {settings.get(key)!r}")
             hba = settings.get("hba_file", "")
-            source = _mounted_source(c, pod, hba)
-            text = None
-            if source is not None and "configMap" in source[1]:
-                text = config_maps.get(source[1]["configMap"]["name"], {}).get(hba.rsplit("/", 1)[-1])
+            text = mounted_config_file(c, pod, hba, config_maps)
             if text is None:
                 problems.append(f"{where}: hba_file must name a pg_hba.conf of a mounted ConfigMap, got {hba!r}")
                 continue
@@ -668,10 +673,7 @@ def check_mlflow_auth(objs: list[dict]) -> list[str]:
             if _secret_ref(c, name) is None:
                 problems.append(f"{where}: {name} must come from a secretKeyRef")
         config_path = (env_of(c).get("MLFLOW_AUTH_CONFIG_PATH") or {}).get("value", "")
-        source = _mounted_source(c, pod, config_path)
-        ini = None
-        if source is not None and "configMap" in source[1]:
-            ini = config_maps.get(source[1]["configMap"]["name"], {}).get(config_path.rsplit("/", 1)[-1])
+        ini = mounted_config_file(c, pod, config_path, config_maps)
         if ini is None:
             problems.append(f"{where}: MLFLOW_AUTH_CONFIG_PATH must name a basic_auth.ini of a mounted ConfigMap, got {config_path!r}")
         elif re.search(r"^\s*admin_password\s*=", ini, re.M):
@@ -708,11 +710,10 @@ KUBERAY_OPERATOR_NAMESPACE = "default"          # base/networkpolicy.yaml names 
 KUBERAY_OPERATOR_LABELS = {"app.kubernetes.io/component": "kuberay-operator", "app.kubernetes.io/name": "kuberay-operator"}
 
 
-class Pod(dict):
-    """name, namespace, labels, ports ({name: number}), role (a release role, or None)."""
+Pod = dict  # name, namespace, labels, ports ({port name: number}), role (what it runs, or None)
 
 
-def _pod(name: str, namespace: str, labels: dict, ports: dict | None = None, role: str | None = None) -> Pod:
+def make_pod(name: str, namespace: str, labels: dict, ports: dict | None = None, role: str | None = None) -> Pod:
     return Pod(name=name, namespace=namespace, labels=dict(labels), ports=dict(ports or {}), role=role)
 
 
@@ -747,7 +748,7 @@ def release_pods(objs: list[dict]) -> list[Pod]:
         for where, template, added in templates:
             labels = {**(template.get("metadata") or {}).get("labels", {}), **added}
             ports = {p["name"]: p["containerPort"] for c in containers(template["spec"]) for p in c.get("ports", []) if "name" in p}
-            pods.append(_pod(where, RELEASE_NAMESPACE, labels, ports, _role(kind, template["spec"])))
+            pods.append(make_pod(where, RELEASE_NAMESPACE, labels, ports, _role(kind, template["spec"])))
     return pods
 
 
@@ -834,14 +835,14 @@ def network_flows(objs: list[dict]) -> tuple[list, list]:
     ray, submitters = by_role.get("ray", []), by_role.get("ray-job-submitter", [])
     mlflow, postgres = by_role.get("mlflow", []), by_role.get("postgres", [])
     head = [p for p in ray if p["labels"].get("ray.io/node-type") == "head"]
-    operator = _pod("the KubeRay operator", KUBERAY_OPERATOR_NAMESPACE, KUBERAY_OPERATOR_LABELS)
+    operator = make_pod("the KubeRay operator", KUBERAY_OPERATOR_NAMESPACE, KUBERAY_OPERATOR_LABELS)
     release_labels = (head or pods)[0]["labels"] if pods else {}
     outsiders = [
-        _pod("a pod of another app in the namespace", RELEASE_NAMESPACE, {"app.kubernetes.io/name": "other"}),
-        _pod("a pod in another namespace wearing the Ray head's labels", "other", release_labels),
-        _pod("a pod in the namespace wearing the operator's labels", RELEASE_NAMESPACE, KUBERAY_OPERATOR_LABELS),
+        make_pod("a pod of another app in the namespace", RELEASE_NAMESPACE, {"app.kubernetes.io/name": "other"}),
+        make_pod("a pod in another namespace wearing the Ray head's labels", "other", release_labels),
+        make_pod("a pod in the namespace wearing the operator's labels", RELEASE_NAMESPACE, KUBERAY_OPERATOR_LABELS),
     ]
-    outside_server = _pod("a server outside the release", "other", {"app.kubernetes.io/name": "other"})
+    outside_server = make_pod("a server outside the release", "other", {"app.kubernetes.io/name": "other"})
     allow, deny = [], []
     for a in ray:
         for b in ray:

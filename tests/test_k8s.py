@@ -421,9 +421,7 @@ def test_the_mlflow_pod_of_the_manifests_signs_in_every_client(rendered, tmp_pat
     }
     postgres_uri = next(a.split("=", 1)[1] for a in server["args"] if a.startswith("--backend-store-uri="))
     sqlite_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ini_path = kr.container_env(server, config_maps, secrets)["MLFLOW_AUTH_CONFIG_PATH"]
-    ini_volume = kr._mounted_source(server, pod, ini_path)[1]["configMap"]["name"]
-    ini = config_maps[ini_volume][ini_path.rsplit("/", 1)[-1]]
+    ini = kr.mounted_config_file(server, pod, kr.container_env(server, config_maps, secrets)["MLFLOW_AUTH_CONFIG_PATH"], config_maps)
     assert postgres_uri in ini
     (tmp_path / "basic_auth.ini").write_text(ini.replace(postgres_uri, sqlite_uri))
 
@@ -548,9 +546,9 @@ def test_network_policy_evaluator_follows_the_kubernetes_semantics():
     both selectors is an AND, two peers are an OR; no policy means open; an empty rule list
     isolates; a named port resolves on the destination; egress isolation is separate."""
     ns = kr.RELEASE_NAMESPACE
-    db = kr._pod("db", ns, {"role": "db"}, {"pg": 5432})
-    frontend = kr._pod("frontend", ns, {"role": "frontend"})
-    elsewhere = kr._pod("frontend elsewhere", "prod", {"role": "frontend"})
+    db = kr.make_pod("db", ns, {"role": "db"}, {"pg": 5432})
+    frontend = kr.make_pod("frontend", ns, {"role": "frontend"})
+    elsewhere = kr.make_pod("frontend elsewhere", "prod", {"role": "frontend"})
 
     def policy(ingress=None, egress=None, types=None, selector=None):
         spec = {"podSelector": selector if selector is not None else {"matchLabels": {"role": "db"}}}
@@ -571,7 +569,7 @@ def test_network_policy_evaluator_follows_the_kubernetes_semantics():
                                   "podSelector": {"matchLabels": {"role": "frontend"}}}]}])
     or_peers = policy([{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prod"}}},
                                  {"podSelector": {"matchLabels": {"role": "frontend"}}}]}])
-    other_in_prod = kr._pod("other in prod", "prod", {"role": "other"})
+    other_in_prod = kr.make_pod("other in prod", "prod", {"role": "other"})
     assert allowed([and_peer], elsewhere, db, 5432) and not allowed([and_peer], other_in_prod, db, 5432)
     assert not allowed([and_peer], frontend, db, 5432)
     assert allowed([or_peers], other_in_prod, db, 5432) and allowed([or_peers], frontend, db, 5432)
