@@ -198,7 +198,7 @@ def cmd_sweep(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import ConfigError, load_sweep, parse_overrides
-    from pipeline.data.stream import load_pairs
+    from pipeline.data.stream import load_eval_split
     from pipeline.evaluate import SiftBaseline, pair_distances
     from pipeline.metrics import average_precision, fpr_at_95_recall
     from pipeline.registry import promote, register_checkpoint
@@ -230,7 +230,7 @@ def cmd_sweep(args) -> int:
     if not args.resume:
         sweep_id = new_sweep_id()
         parent_id = start_parent_run(first, sweep_id, configs)
-    pairs, labels, _ = load_pairs(verified[0]["eval"], first.data.eval_pairs)
+    pairs, labels, _ = load_eval_split(first.data, verified[0]["eval"])
     rows = [("architecture", "best config", "eval FPR95", "eval AP", "MLflow run id", "model version", "alias")]
     curves = {}
     client = MlflowClient(resolve_tracking_uri(first.mlflow.tracking_uri))
@@ -274,8 +274,7 @@ def cmd_sweep(args) -> int:
 def cmd_promote(args) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.data.shards import shard_paths
-    from pipeline.data.stream import load_pairs
+    from pipeline.data.stream import load_eval_pairs
     from pipeline.registry import CHALLENGER, promote
     from pipeline.tracking import resolve_tracking_uri
 
@@ -285,7 +284,7 @@ def cmd_promote(args) -> int:
         shards = version.tags.get("data_shards")
         if not shards:
             raise SystemExit(f"patchflow: error: {args.model} v{version.version} has no data_shards tag; pass --shards DIR")
-    pairs, labels, _ = load_pairs(shard_paths(shards, "eval"), args.eval_pairs)
+    pairs, labels, _ = load_eval_pairs(shards, args.eval_pairs)  # checksums verified, a short set refused
     promote(args.model, pairs, labels, min_improvement=args.min_improvement, dry_run=args.dry_run)
     return 0
 

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
-from pipeline.data.shards import ShardError, load_manifest, shard_paths, shard_sha256
-from pipeline.data.stream import check_shard_count, load_pairs, train_loader
+from pipeline.data.shards import shard_paths, verify_checksums
+from pipeline.data.stream import check_shard_count, load_eval_split, load_pairs, train_loader
 from pipeline.augment import fliprot, make_jitter
 from pipeline.device import plan_for
 from pipeline.evaluate import evaluate_pairs
@@ -117,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # at all (killed before Ray recorded the first checkpoint): epochs already in MLflow are kept.
     logged_epochs = logger.logged_steps(METRIC) if rank == 0 else set()
     if rank == 0:
-        eval_pairs, eval_labels, _ = load_pairs(urls["eval"], cfg.data.eval_pairs)
+        eval_pairs, eval_labels, _ = load_eval_split(cfg.data, urls["eval"])  # checksums verified again here
     augment_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     jitter = make_jitter(cfg.train.augment_rotation_deg, cfg.train.augment_scale)
 
@@ -236,25 +236,11 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
     """Data checks that must fail before Ray starts: manifest readable, shards present, checksums
     match (or bad shards left out with ``data.on_bad_checksum: skip``), enough shards for every
     rank. Returns the shard paths per split that training should read."""
-    manifest = load_manifest(cfg.data.shards)
     urls = {}
     for split in ("train", "eval"):
         paths = shard_paths(cfg.data.shards, split)
         if cfg.data.verify_checksums:
-            expected = {sh["name"]: sh["sha256"] for sh in manifest["splits"][split]["shards"]}
-            good = []
-            for path in paths:
-                actual = shard_sha256(path)
-                if actual == expected[path.rsplit("/", 1)[-1]]:
-                    good.append(path)
-                    continue
-                problem = f"{path}: sha256 {actual} does not match the manifest's {expected[path.rsplit('/', 1)[-1]]}"
-                if cfg.data.on_bad_checksum == "error":
-                    raise ShardError(problem + " (set data.on_bad_checksum: skip to leave it out)")
-                log.warning("%s: shard left out", problem)
-            paths = good
-        if not paths:
-            raise ShardError(f"{cfg.data.shards}: no usable {split} shard left after checksum verification")
+            paths = verify_checksums(cfg.data.shards, split, paths, on_bad=cfg.data.on_bad_checksum)
         urls[split] = paths
     world = max(1, cfg.sweep.workers_per_trial if cfg.sweep else cfg.scaling.num_workers)
     check_shard_count(len(urls["train"]), world, cfg.data.loader_workers)
