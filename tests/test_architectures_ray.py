@@ -10,9 +10,11 @@ import torch
 
 from helpers import small_config
 from pipeline.models import create_model, list_models
+from pipeline.models.opencv import OPENCV_MODELS
 from pipeline.train import METRIC, build_trainer, model_from_checkpoint
 
-TRAINABLE = [name for name in list_models() if create_model(name).trainable]
+# OpenCV baselines (never trainable) are left out by name: creating one needs the [baselines] extra
+TRAINABLE = [name for name in list_models() if name not in OPENCV_MODELS and create_model(name).trainable]
 PCA_HEADS = {"hardnet8", "l2net"}  # HardNet8's own PCA buffers, and one attached by the pipeline
 
 

@@ -70,3 +70,5 @@ DEFAULT_LOSS: dict[str, str | None] = {
     "sosnet": "hardest_triplet",
     "tfeat": "triplet_random",
 }
+
+from pipeline.models import opencv  # noqa: E402,F401  (after DEFAULT_LOSS: the baselines add their None)
