@@ -12,7 +12,7 @@ from skimage.transform import resize
 from sklearn.datasets import load_digits
 
 from pipeline.data.digits import digits_to_shards
-from pipeline.data.shards import read_blocks, shard_paths, verify_shards
+from pipeline.data.shards import ShardError, read_blocks, shard_paths, verify_shards
 from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "examples" / "digits.yaml"
@@ -112,7 +112,7 @@ def test_deterministic_given_seed(seed0, tmp_path: Path) -> None:
     ({"pairs_per_block": 0}, "bad patch_size/pairs_per_block/blocks_per_shard: 32, 0, 2"),
 ])
 def test_bad_arguments_fail_before_writing(tmp_path: Path, kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ShardError, match=re.escape(message)):  # the CLI prints a ShardError in one line
         digits_to_shards(tmp_path / "out", **{**KW, **kwargs})
     assert not (tmp_path / "out").exists()
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.shards import finish_conversion, iter_blocks, write_split
+from pipeline.data.shards import ShardError, finish_conversion, iter_blocks, write_split
 
 MAX_LEVEL = 16.0  # load_digits' grey levels are 0..16
 INTERPOLATION = "bilinear, half-pixel centres, edges clamped (F.interpolate align_corners=False), round to uint8"
@@ -57,13 +57,13 @@ def digit_patches(patch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 def split_by_image(targets: np.ndarray, eval_fraction: float, rng: np.random.Generator
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted image indices (train, eval): of each digit's images ``round(eval_fraction * n)`` go to
-    eval, the rest to train; raises ValueError when a split would get fewer than 2 of a digit."""
+    eval, the rest to train; raises ShardError when a split would get fewer than 2 of a digit."""
     train, evals = [], []
     for digit in np.unique(targets):
         own = rng.permutation(np.flatnonzero(targets == digit))
         n_eval = int(round(eval_fraction * len(own)))
         if min(n_eval, len(own) - n_eval) < MIN_IMAGES_PER_DIGIT:
-            raise ValueError(f"digits: eval_fraction={eval_fraction} leaves {n_eval} eval and {len(own) - n_eval} "
+            raise ShardError(f"digits: eval_fraction={eval_fraction} leaves {n_eval} eval and {len(own) - n_eval} "
                              f"train images of digit {digit} (of {len(own)}); each split needs at least "
                              f"{MIN_IMAGES_PER_DIGIT} per digit")
         evals.append(own[:n_eval])
@@ -111,19 +111,20 @@ def digit_pairs(patches: np.ndarray, targets: np.ndarray, images: np.ndarray, n_
 
 def digits_to_shards(out_dir: str | os.PathLike, *, eval_fraction: float = 0.25, train_pairs: int = 20000,
                      eval_pairs: int = 2000, seed: int = 0, patch_size: int = 32, pairs_per_block: int = 256,
-                     blocks_per_shard: int = 4, progress: bool = True) -> dict:
+                     blocks_per_shard: int = 8, progress: bool = True) -> dict:
     """Write train/eval shards of digit pairs plus manifest.json to ``out_dir``; return the manifest.
 
     Deterministic given the arguments: the same call twice writes byte-identical shards; the
     image split depends on ``seed`` and ``eval_fraction`` only, each split's pairs on its own
-    random stream (changing ``train_pairs`` leaves the eval pairs unchanged).
+    random stream (changing ``train_pairs`` leaves the eval pairs unchanged). A bad argument raises
+    ShardError (a ValueError the CLI reports in one line) before anything is written.
     """
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"digits: eval_fraction must be in (0, 1), got {eval_fraction}")
+        raise ShardError(f"digits: eval_fraction must be in (0, 1), got {eval_fraction}")
     if train_pairs < 1 or eval_pairs < 2:
-        raise ValueError(f"digits: need train_pairs >= 1 and eval_pairs >= 2, got {train_pairs}, {eval_pairs}")
+        raise ShardError(f"digits: need train_pairs >= 1 and eval_pairs >= 2, got {train_pairs}, {eval_pairs}")
     if not 8 <= patch_size <= 256 or pairs_per_block < 1 or blocks_per_shard < 1:
-        raise ValueError(f"digits: bad patch_size/pairs_per_block/blocks_per_shard: {patch_size}, {pairs_per_block}, "
+        raise ShardError(f"digits: bad patch_size/pairs_per_block/blocks_per_shard: {patch_size}, {pairs_per_block}, "
                          f"{blocks_per_shard} (expected 8 <= patch_size <= 256, the others >= 1)")
     patches, targets = digit_patches(patch_size)
     images = dict(zip(("train", "eval"), split_by_image(targets, eval_fraction, np.random.default_rng([seed, 2]))))
