@@ -31,24 +31,33 @@ in image 1 so a negative never shows essentially the same content. Eval pairs ar
 training pairs are all positive with every point at most once per block. Everything is seeded:
 the same arguments give identical pairs. Ids: ``sequence_index << 32 | keypoint index``.
 
+The above is the default construction, "dog-oriented". ``CONSTRUCTIONS`` names the others that
+evaluation reports (``sequence_pairs(..., construction=NAME)``): upright DoG / Harris / Hessian
+frames, and HPatches-style affine jitter at easy / hard / tough overlap (``constructions``).
+
 Modules, top-down: ``pairs`` (eval / train pair sampling, ``sequence_pairs``) and ``writer``
 (``sequence_to_shards``) use ``correspondence`` (one sequence's frames in every image and which are
-valid), which uses ``detection`` (the detector, re-detection, the plane check), ``frames`` (LAF
-geometry, jitter, patch extraction) and ``layout`` (sequence folders, images, H files); ``params``
-holds ``PARAMS``. Import from ``pipeline.data.sequences``: the names below are its public API.
+valid), which uses ``constructions`` (detector, orientation, image-k frame, jitter by name),
+``detection`` (the detectors, re-detection, the plane check), ``frames`` (LAF geometry, jitter,
+overlap, patch extraction) and ``layout`` (sequence folders, images, H files); ``params`` holds
+``PARAMS``. Import from ``pipeline.data.sequences``: the names below are its public API.
 """
 
+from pipeline.data.sequences.constructions import CONSTRUCTIONS, Construction, get_construction
 from pipeline.data.sequences.correspondence import Correspondences, _correspondences, correspondences
-from pipeline.data.sequences.detection import detect_frames, on_plane, plane_ncc, redetected
-from pipeline.data.sequences.frames import (circle_overlap_error, extract, frames_inside, jitter_frames, laf_angle,
-                                            laf_scale, map_frames)
+from pipeline.data.sequences.detection import DETECTORS, detect_frames, on_plane, plane_ncc, redetected
+from pipeline.data.sequences.frames import (affine_jitter, circle_overlap_error, ellipse_overlap, extract,
+                                            frames_inside, jitter_frames, laf_angle, laf_scale, map_frames,
+                                            upright_frames)
 from pipeline.data.sequences.layout import (IMAGE_EXTS, ImageSequence, find_sequences, open_sequence, read_homography,
                                             read_image)
 from pipeline.data.sequences.pairs import ID_SHIFT, eval_pairs, sequence_pairs
 from pipeline.data.sequences.params import PARAMS
 from pipeline.data.sequences.writer import sequence_to_shards
 
-__all__ = ["ID_SHIFT", "IMAGE_EXTS", "PARAMS", "Correspondences", "ImageSequence", "circle_overlap_error",
-           "correspondences", "detect_frames", "eval_pairs", "extract", "find_sequences", "frames_inside",
+__all__ = ["CONSTRUCTIONS", "DETECTORS", "ID_SHIFT", "IMAGE_EXTS", "PARAMS", "Construction", "Correspondences",
+           "ImageSequence", "affine_jitter", "circle_overlap_error", "correspondences", "detect_frames",
+           "ellipse_overlap", "eval_pairs", "extract", "find_sequences", "frames_inside", "get_construction",
            "jitter_frames", "laf_angle", "laf_scale", "map_frames", "on_plane", "open_sequence", "plane_ncc",
-           "read_homography", "read_image", "redetected", "sequence_pairs", "sequence_to_shards"]
+           "read_homography", "read_image", "redetected", "sequence_pairs", "sequence_to_shards",
+           "upright_frames"]

@@ -1,7 +1,9 @@
-"""Detection (kornia's DoG scale-space detector), PhotoTour's re-detection criterion, and the plane
-check (does the homography explain image k around a point?)."""
+"""Detection (kornia scale-space detectors: DoG, Harris, Hessian), PhotoTour's re-detection criterion,
+and the plane check (does the homography explain image k around a point?)."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -10,25 +12,59 @@ from pipeline.data.sequences.frames import _to_tensor, circle_overlap_error, fra
 from pipeline.data.sequences.params import PARAMS
 
 
-def detect_frames(img: np.ndarray, max_keypoints: int = 2000) -> np.ndarray:
-    """LAFs float64 (n, 2, 3) in pixels of the strongest DoG keypoints of ``img`` (H, W) in [0, 1],
-    strongest first, near-duplicates (same place, similar scale) and frames leaving the image removed."""
+# Scale-space detectors by name: kornia ScaleSpaceDetector on ScalePyramid(3, 1.6, 32, double_image=True)
+# with ConvQuadInterp3d refinement. DoG is the SIFT-like configuration of SIFTFeatureScaleSpace (a
+# scale-space response: minima are blobs too); Harris (k = 0.04) and Hessian (determinant) responses
+# are computed per pyramid level and normalised by sigma^4, as in kornia's Hessian-based detectors.
+DETECTORS: dict[str, str] = {
+    "dog": "BlobDoG, scale-space response, minima_are_also_good=True",
+    "harris": "CornerHarris(k=0.04), per-level response x sigma^4, maxima",
+    "hessian": "BlobHessian (determinant), per-level response x sigma^4, maxima",
+}
+
+
+def detect_frames(img: np.ndarray, max_keypoints: int = 2000, detectors: str | Sequence[str] = "dog",
+                  upright: bool = False, mr_size: float | None = None) -> np.ndarray:
+    """LAFs float64 (n, 2, 3) in pixels of the strongest keypoints of ``img`` (H, W) in [0, 1],
+    strongest first, near-duplicates (same place, similar scale) and frames leaving the image removed.
+
+    ``detectors``: a name of ``DETECTORS`` or several, whose keypoints are merged by rank (their
+    responses are not comparable), at most ``max_keypoints`` in all. ``upright``: no orientation
+    assignment (frames A = r I) instead of LAFOrienter's dominant orientation. ``mr_size``: frame
+    radius / detection sigma (default ``PARAMS["mr_size"]``)."""
+    names = [detectors] if isinstance(detectors, str) else list(detectors)
+    unknown = [d for d in names if d not in DETECTORS]
+    if unknown or not names:
+        raise ValueError(f"detectors must be some of {sorted(DETECTORS)}, got {detectors!r}")
+    found = [_detect(img, max_keypoints, d, upright, PARAMS["mr_size"] if mr_size is None else mr_size)
+             for d in names]
+    if len(found) == 1:
+        return _drop_duplicates(found[0])
+    ranked = sorted((rank, i) for i, f in enumerate(found) for rank in range(len(f)))  # each one's best, in turn
+    merged = np.stack([found[i][rank] for rank, i in ranked]) if ranked else np.zeros((0, 2, 3))
+    return _drop_duplicates(merged)[:max_keypoints]
+
+
+def _detect(img: np.ndarray, max_keypoints: int, name: str, upright: bool, mr_size: float) -> np.ndarray:
+    """One detector's frames, strongest first, those leaving the image removed."""
     import kornia.feature as KF
     from kornia.geometry.subpix import ConvQuadInterp3d
     from kornia.geometry.transform import ScalePyramid
 
+    scale_space = name == "dog"  # DoG's response spans levels; it needs 3 extra pyramid levels, the others 2
+    response = {"dog": KF.BlobDoG, "harris": lambda: KF.CornerHarris(0.04), "hessian": KF.BlobHessian}[name]()
     detector = KF.ScaleSpaceDetector(
-        max_keypoints, mr_size=PARAMS["mr_size"], resp_module=KF.BlobDoG(), subpix_module=ConvQuadInterp3d(),
-        scale_pyr_module=ScalePyramid(3, 1.6, 32, double_image=True), ori_module=KF.LAFOrienter(19),
-        scale_space_response=True, minima_are_also_good=True)
+        max_keypoints, mr_size=mr_size, resp_module=response, subpix_module=ConvQuadInterp3d(),
+        scale_pyr_module=ScalePyramid(3, 1.6, 32, double_image=True, extra_levels=3 if scale_space else 2),
+        ori_module=KF.PassLAF() if upright else KF.LAFOrienter(19),
+        scale_space_response=scale_space, minima_are_also_good=scale_space)
     with torch.no_grad():
         lafs, resp = detector(_to_tensor(img))
     lafs, resp = lafs[0].double().numpy(), resp[0].abs().double().numpy()
     filled = np.abs(lafs).reshape(len(lafs), -1).sum(1) > 0
     lafs, resp = lafs[filled], resp[filled]
     lafs = lafs[np.argsort(-resp, kind="stable")]
-    lafs = lafs[frames_inside(lafs, img.shape)]
-    return _drop_duplicates(lafs)
+    return lafs[frames_inside(lafs, img.shape)]
 
 
 def _drop_duplicates(lafs: np.ndarray) -> np.ndarray:

@@ -69,26 +69,86 @@ def map_frames(lafs: np.ndarray, hom: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return out, ok
 
 
-def jitter_frames(lafs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Detector-like noise on frames: centre shift, log-uniform scale, rotation (``PARAMS``)."""
+def jitter_frames(lafs: np.ndarray, rng: np.random.Generator, rotate: bool = True) -> np.ndarray:
+    """Detector-like noise on frames: centre shift, log-uniform scale, rotation (``PARAMS``).
+    ``rotate=False``: no rotation, so upright frames stay upright (an upright detector's noise)."""
     n = len(lafs)
     p = PARAMS
     s = laf_scale(lafs)
     shift = rng.uniform(-p["position_jitter"], p["position_jitter"], (n, 2)) * s[:, None]
     sj = np.exp(rng.uniform(-np.log1p(p["scale_jitter"]), np.log1p(p["scale_jitter"]), n))
-    th = np.deg2rad(rng.uniform(-p["orientation_jitter_deg"], p["orientation_jitter_deg"], n))
-    rot = np.stack([np.stack([np.cos(th), -np.sin(th)], -1), np.stack([np.sin(th), np.cos(th)], -1)], -2)
+    th = (np.deg2rad(rng.uniform(-p["orientation_jitter_deg"], p["orientation_jitter_deg"], n)) if rotate
+          else np.zeros(n))
     out = lafs.copy()
-    out[:, :, :2] = (lafs[:, :, :2] @ rot) * sj[:, None, None]
+    out[:, :, :2] = (lafs[:, :, :2] @ _rotations(th)) * sj[:, None, None]
     out[:, :, 2] += shift
     return out
 
 
-def _jitter_room() -> tuple[float, float]:
-    """(grow, margin per unit scale) that contain any jittered frame's square."""
-    p = PARAMS
-    th = np.deg2rad(p["orientation_jitter_deg"])
-    return (1 + p["scale_jitter"]) * (np.cos(th) + np.sin(th)), p["position_jitter"] * np.sqrt(2)
+def _rotations(th: np.ndarray) -> np.ndarray:
+    """(n, 2, 2) rotation matrices by angles ``th`` (radians)."""
+    return np.stack([np.stack([np.cos(th), -np.sin(th)], -1), np.stack([np.sin(th), np.cos(th)], -1)], -2)
+
+
+def upright_frames(lafs: np.ndarray) -> np.ndarray:
+    """The upright frames of the same centres and areas: A -> sqrt(|det A|) I (orientation 0, isotropic).
+    Applied to frames carried into image k, it gives what an upright detector finds there: H(c) and
+    H's local scale, no rotation and no shear."""
+    out = lafs.copy()
+    out[:, :, :2] = laf_scale(lafs)[:, None, None] * np.eye(2)
+    return out
+
+
+def affine_jitter(lafs: np.ndarray, rng: np.random.Generator, level: float, rotate: bool = True) -> np.ndarray:
+    """HPatches-style affine jitter in each frame's own coordinates (units of its radius): centre
+    c + A t, axes A R(theta) diag(s1, s2), with t uniform per axis in +-level, theta uniform in
+    +-level radians (0 if not ``rotate``: upright frames stay upright), log s1 and log s2 uniform in
+    +-level. Each part moves the frame's boundary by up to about ``level`` radii. On frames carried
+    into image k this equals jittering the image-1 frame and reprojecting it (HPatches' order) up to
+    H's curvature across the shift."""
+    n = len(lafs)
+    t = rng.uniform(-level, level, (n, 2))
+    th = rng.uniform(-level, level, n) if rotate else np.zeros(n)
+    scales = np.exp(rng.uniform(-level, level, (n, 2)))
+    out = lafs.copy()
+    out[:, :, :2] = lafs[:, :, :2] @ _rotations(th) * scales[:, None, :]
+    out[:, :, 2] += np.einsum("nij,nj->ni", lafs[:, :, :2], t)
+    return out
+
+
+def rotate_frames(lafs: np.ndarray, rng: np.random.Generator, degrees: float) -> np.ndarray:
+    """Frames turned about their centres by angles uniform in +-``degrees`` (orientation errors)."""
+    out = lafs.copy()
+    out[:, :, :2] = lafs[:, :, :2] @ _rotations(np.deg2rad(rng.uniform(-degrees, degrees, len(lafs))))
+    return out
+
+
+def _square_reach(max_turn: float) -> float:
+    """Half-side, in radii, of the axis-aligned square (in frame axes) holding the frame's square
+    turned by up to ``max_turn`` radians."""
+    th = min(max_turn, np.pi / 4)  # |cos| + |sin| is largest at 45 degrees
+    return float(np.cos(th) + np.sin(th))
+
+
+def ellipse_overlap(lafs_a: np.ndarray, lafs_b: np.ndarray, grid: int = 64) -> np.ndarray:
+    """|Ea & Eb| / |Ea | Eb| of the frames' regions E = {c + A u : |u| <= 1} (n,), on a grid of
+    ``grid`` x ``grid`` points per pair in frame a's coordinates (overlap is affine-invariant), over a
+    box that holds both regions: accurate to about 1 / grid."""
+    inv = np.linalg.inv(lafs_a[:, :, :2])
+    b_axes = inv @ lafs_b[:, :, :2]  # region b in a's unit-disc coordinates: t + B u
+    t = np.einsum("nij,nj->ni", inv, lafs_b[:, :, 2] - lafs_a[:, :, 2])
+    half = np.maximum(1.0, np.abs(t) + np.linalg.norm(b_axes, axis=2))  # per-axis half-width of both
+    u = (np.arange(grid) + 0.5) / grid * 2 - 1
+    gx, gy = np.meshgrid(u, u)
+    out = np.empty(len(lafs_a))
+    for lo in range(0, len(lafs_a), 256):  # chunks bound the memory: 256 x grid^2 points
+        sl = slice(lo, lo + 256)
+        pts = np.stack([gx[None] * half[sl, 0, None, None], gy[None] * half[sl, 1, None, None]], -1)
+        in_a = (pts**2).sum(-1) <= 1
+        rel = np.einsum("nij,nxyj->nxyi", np.linalg.inv(b_axes[sl]), pts - t[sl, None, None, :])
+        in_b = (rel**2).sum(-1) <= 1
+        out[sl] = (in_a & in_b).sum((1, 2)) / np.maximum((in_a | in_b).sum((1, 2)), 1)
+    return out
 
 
 def extract(img: torch.Tensor, lafs: np.ndarray, patch_size: int) -> np.ndarray:

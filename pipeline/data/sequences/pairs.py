@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data.sequences.constructions import DEFAULT, get_construction
 from pipeline.data.sequences.correspondence import Correspondences, _correspondences
 from pipeline.data.sequences.frames import laf_scale
 from pipeline.data.sequences.layout import _scan, find_sequences, open_sequence
@@ -106,7 +107,7 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def sequence_pairs(seq_dir: str | os.PathLike, *, n_pairs: int | None = None, targets: Sequence[int] | None = None,
                    seed: int = 0, patch_size: int = 32, max_keypoints: int = 2000, redetect: bool = False,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   progress: bool = False, construction: str = DEFAULT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labelled eval pairs: (pairs uint8 (N, 2, P, P), labels uint8 (N,), ids int64 (N, 2)).
 
     ``seq_dir``: one sequence folder, or a folder of sequences (all of them, in name order, ids
@@ -115,13 +116,15 @@ def sequence_pairs(seq_dir: str | os.PathLike, *, n_pairs: int | None = None, ta
     paired with image 1 (default all, e.g. 2..6). ``redetect``: positives only where the detector
     finds the point again in image k (PhotoTour's criterion; easier pairs). Identical output for
     identical arguments: the same pairs ``sequence_to_shards(seq_dir, ..., split="eval")`` writes.
+    ``construction``: how pairs are cut, a name of ``CONSTRUCTIONS`` (default today's, "dog-oriented").
     """
     _check(patch_size, max_keypoints, n_pairs, 2)
+    how = get_construction(construction)
     dirs = find_sequences(seq_dir) if _scan(Path(seq_dir)) is None else [Path(seq_dir)]
     seqs = [open_sequence(d) for d in dirs]
     out = []
     for i, seq in enumerate(tqdm(seqs, desc="sequences eval", unit="seq", disable=not progress, file=sys.stderr)):
-        cor = _correspondences(seq, targets, patch_size, max_keypoints, redetect)
+        cor = _correspondences(seq, targets, patch_size, max_keypoints, redetect, how)
         out.append(eval_pairs(cor, n_pairs, _rng(seed, "eval", i), patch_size, i << ID_SHIFT))
     if len(out) == 1:
         return out[0]

@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Literal, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data.sequences.constructions import DEFAULT, get_construction
 from pipeline.data.sequences.correspondence import _correspondences
 from pipeline.data.sequences.layout import ImageSequence, _as_dirs, _targets, open_sequence
 from pipeline.data.sequences.pairs import ID_SHIFT, _check, _rng, _train_pairs, eval_pairs
@@ -41,15 +42,17 @@ def sequence_to_shards(seq_dirs: str | os.PathLike | Iterable[str | os.PathLike]
                        eval_dirs: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
                        pairs_per_sequence: int | None = None, targets: Sequence[int] | None = None, seed: int = 0,
                        patch_size: int = 32, max_keypoints: int = 2000, pairs_per_block: int = 256,
-                       blocks_per_shard: int = 8, redetect: bool = False, progress: bool = True) -> dict:
+                       blocks_per_shard: int = 8, redetect: bool = False, progress: bool = True,
+                       construction: str = DEFAULT) -> dict:
     """Write shards (+ manifest.json) of pairs from image sequences to ``out_dir``; return the manifest.
 
     ``seq_dirs``: sequence folders, or folders of them (e.g. hpatches-sequences-release/), for
     ``split`` "train" or "eval"; with "both", ``seq_dirs`` feed train and ``eval_dirs`` (required,
     disjoint) feed eval. ``pairs_per_sequence``: default every correspondence once (eval adds as many
-    negatives). Train pairs are all positive, a point at most once per block. ``redetect``: as in
-    ``sequence_pairs``.
+    negatives). Train pairs are all positive, a point at most once per block. ``redetect`` and
+    ``construction`` (recorded in the manifest's generator section): as in ``sequence_pairs``.
     """
+    how = get_construction(construction)
     if split not in ("train", "eval", "both"):
         raise ValueError(f"split must be 'train', 'eval' or 'both', got {split!r}")
     _check(patch_size, max_keypoints, pairs_per_sequence, 1 if split == "train" else 2)
@@ -78,7 +81,7 @@ def sequence_to_shards(seq_dirs: str | os.PathLike | Iterable[str | os.PathLike]
               "pairs_per_block": pairs_per_block, "blocks_per_shard": blocks_per_shard,
               "max_keypoints": max_keypoints, "redetect": redetect, "targets": list(targets) if targets is not None else "all",
               "pairs_per_sequence": pairs_per_sequence, "id": f"sequence_index << {ID_SHIFT} | keypoint index",
-              **PARAMS}
+              **PARAMS, "construction": how.params()}
     per_split: dict[str, dict] = {}
     splits = {}
     index = 0
@@ -93,7 +96,7 @@ def sequence_to_shards(seq_dirs: str | os.PathLike | Iterable[str | os.PathLike]
             offset = 0
             for i, q in enumerate(tqdm(ss, desc=f"sequences {s}", unit="seq", disable=not progress,
                                        file=sys.stderr)):
-                cor = _correspondences(q, targets, patch_size, max_keypoints, redetect)
+                cor = _correspondences(q, targets, patch_size, max_keypoints, redetect, how)
                 rng, base = _rng(seed, s, i), (first_index + i) << ID_SHIFT
                 arrays = (_train_pairs(cor, pairs_per_sequence, offset, pairs_per_block, rng, patch_size, base)
                           if s == "train" else eval_pairs(cor, pairs_per_sequence, rng, patch_size, base))
