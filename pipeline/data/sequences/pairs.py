@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data.sequences.constructions import DEFAULT, get_construction
+from pipeline.data.sequences.constructions import DEFAULT, Construction, get_construction
 from pipeline.data.sequences.correspondence import Correspondences, _correspondences
 from pipeline.data.sequences.frames import laf_scale
 from pipeline.data.sequences.layout import _scan, find_sequences, open_sequence
@@ -107,7 +107,8 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def sequence_pairs(seq_dir: str | os.PathLike, *, n_pairs: int | None = None, targets: Sequence[int] | None = None,
                    seed: int = 0, patch_size: int = 32, max_keypoints: int = 2000, redetect: bool = False,
-                   progress: bool = False, construction: str = DEFAULT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   progress: bool = False, construction: str | Construction = DEFAULT
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labelled eval pairs: (pairs uint8 (N, 2, P, P), labels uint8 (N,), ids int64 (N, 2)).
 
     ``seq_dir``: one sequence folder, or a folder of sequences (all of them, in name order, ids

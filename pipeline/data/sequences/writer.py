@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Literal, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data.sequences.constructions import DEFAULT, get_construction
+from pipeline.data.sequences.constructions import DEFAULT, Construction, get_construction
 from pipeline.data.sequences.correspondence import _correspondences
 from pipeline.data.sequences.layout import ImageSequence, _as_dirs, _targets, open_sequence
 from pipeline.data.sequences.pairs import ID_SHIFT, _check, _rng, _train_pairs, eval_pairs
@@ -43,7 +43,7 @@ def sequence_to_shards(seq_dirs: str | os.PathLike | Iterable[str | os.PathLike]
                        pairs_per_sequence: int | None = None, targets: Sequence[int] | None = None, seed: int = 0,
                        patch_size: int = 32, max_keypoints: int = 2000, pairs_per_block: int = 256,
                        blocks_per_shard: int = 8, redetect: bool = False, progress: bool = True,
-                       construction: str = DEFAULT) -> dict:
+                       construction: str | Construction = DEFAULT) -> dict:
     """Write shards (+ manifest.json) of pairs from image sequences to ``out_dir``; return the manifest.
 
     ``seq_dirs``: sequence folders, or folders of them (e.g. hpatches-sequences-release/), for
