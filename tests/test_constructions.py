@@ -202,8 +202,9 @@ def test_plane_check_applies_to_every_construction(tmp_path: Path, name: str) ->
 
 @pytest.mark.parametrize("name", list(CONSTRUCTIONS))
 def test_graf_pair_counts(name: str) -> None:
-    """Real pairs: a sane number per construction, positives closer than negatives."""
-    pairs, labels, _ = sequence_pairs(GRAF, max_keypoints=500, seed=0, construction=name)
-    assert labels.sum() * 2 == len(labels) and 1000 < len(labels) <= 2 * 5 * 500, (name, len(labels))
+    """Real pairs: a sane number per construction, positives closer than negatives (img2, img4 and
+    img6, 20 to 60 degrees of viewpoint change)."""
+    pairs, labels, _ = sequence_pairs(GRAF, max_keypoints=500, seed=0, targets=[2, 4, 6], construction=name)
+    assert labels.sum() * 2 == len(labels) and 600 < len(labels) <= 2 * 3 * 500, (name, len(labels))
     d = np.sqrt(((pairs[:, 0].astype(np.float64) - pairs[:, 1]) ** 2).sum((1, 2)))
     assert np.median(d[labels == 1]) < 0.8 * np.median(d[labels == 0]), name
