@@ -145,3 +145,70 @@ def test_rendered_view_follows_the_homography(monkeypatch) -> None:
         # a wrong convention (H^-1, or x/y swapped) would land elsewhere in the texture
         wrong = ndimage.map_coordinates(view, np.clip(xy[inside], 0, min(h, w) - 1).T, order=1)
         assert np.median(np.abs(wrong - at_img)) > 3 * np.median(err)
+
+
+def test_mix_counts_share_in_proportion() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(1, 5))
+        weights = rng.uniform(0.1, 3.0, k)
+        mix = {f"c{i}": float(w) for i, w in enumerate(weights)}
+        n = int(rng.integers(2, 500))
+        for split in ("train", "eval"):
+            counts = np.array(list(synmod.mix_counts(mix, n, split).values()))
+            assert counts.sum() == n and (counts >= 0).all()
+            assert np.abs(counts - n * weights / weights.sum()).max() <= 2.0  # whole couples for eval
+            if split == "eval":
+                assert (counts // 2).sum() == n // 2  # exactly n // 2 positives in all
+    assert synmod.mix_counts(None, 7, "train") == {"dog-oriented": 7}
+
+
+def test_parse_mix_and_bad_mixes(tmp_path: Path) -> None:
+    assert synmod.parse_mix("dog-oriented=2, harris-upright,hessian-rotated-hard=0.5") == {
+        "dog-oriented": 2.0, "harris-upright": 1.0, "hessian-rotated-hard": 0.5}
+    with pytest.raises(ValueError, match="weight of 'dog-oriented' must be a number"):
+        synmod.parse_mix("dog-oriented=lots")
+    with pytest.raises(ValueError, match="unknown pair construction 'sift-upright'"):
+        synmod.parse_mix("sift-upright=1")
+    with pytest.raises(ValueError, match="eval_mix: weight of 'dog-upright' must be a positive number"):
+        generate_synthetic(tmp_path / "out", images=FEW_IMAGES, eval_mix={"dog-upright": 0.0}, **KW)
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_default_mix_is_todays_data(tmp_path: Path, seed0) -> None:
+    _, m = seed0
+    mixed = generate_synthetic(tmp_path / "mixed", seed=0, images=FEW_IMAGES, train_mix={"dog-oriented": 3.0},
+                               eval_mix={"dog-oriented": 1.0}, **KW)
+    assert shas(mixed) == shas(m)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("mixed")
+    mix = {"train_mix": {"dog-oriented": 2, "harris-upright": 1, "hessian-rotated-hard": 1},
+           "eval_mix": {"dog-upright": 1, "hpatches-hard": 1}}
+    return out, generate_synthetic(out, seed=0, images=FEW_IMAGES, **mix, **KW)
+
+
+def test_mixed_splits(mixed) -> None:
+    out, m = mixed
+    gen = m["generator"]
+    assert {k: v["pairs"] for k, v in gen["train_mix"].items()} == {
+        "dog-oriented": 150, "harris-upright": 75, "hessian-rotated-hard": 75}
+    assert gen["train_mix"]["harris-upright"]["orientation"] == "upright"
+    assert gen["eval_mix"]["hpatches-hard"]["jitter"]["median_overlap"] == 0.72
+    pairs, labels, ids = load(out, "train")
+    assert (labels == 1).all() and len(np.unique(ids[:, 0])) == 300
+    same = l2(pairs[:, 0], pairs[:, 1])
+    assert (same < l2(pairs[:, 0], np.roll(pairs[:, 1], 1, axis=0))).mean() > 0.7
+    pairs, labels, ids = load(out, "eval")
+    assert labels.sum() == 200 and len(labels) == 400
+    np.testing.assert_array_equal(ids[:, 0] == ids[:, 1], labels == 1)
+    # ids tell the construction: sequence (slot * photographs + photograph + 1) << 32
+    slot = ((ids[:, 0] >> 32) - 1) // len(FEW_IMAGES["eval"])
+    assert np.bincount(slot).tolist() == [200, 200]
+    assert 0.3 < labels[:200].mean() < 0.7 and 0.2 < (slot[:200] == 0).mean() < 0.8  # shuffled together
+    d = l2(pairs[:, 0], pairs[:, 1])
+    for s in (0, 1):
+        pos, neg = d[(slot == s) & (labels == 1)], d[(slot == s) & (labels == 0)]
+        assert np.median(pos) < 0.8 * np.median(neg), s

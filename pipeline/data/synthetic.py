@@ -22,6 +22,12 @@ negative) and ordered in rounds: a round visits every usable keypoint of every t
 photograph once, in random order, each with a random target image and fresh jitter, so a batch
 almost never holds the same point twice while later rounds show the points under other views.
 Eval pairs are half positive; a negative joins two points at least a frame radius apart.
+
+Variety (``train_mix`` / ``eval_mix``, {construction: weight}): shares of a split cut with other
+constructions of ``pipeline.data.sequences`` from the same rendered views: DoG, Harris or Hessian
+frames, upright, dominant or rotated (+-30 degrees) orientation, detector-like or HPatches easy /
+hard / tough affine jitter; so training can cover what users' detectors give, and the eval split
+can measure it. Default: all "dog-oriented", the data above.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from pipeline.data import sequences
+from pipeline.data.sequences.constructions import DEFAULT
 from pipeline.data.shards import finish_conversion, PairBlock, write_split
 
 # "package:file", shipped inside the wheels, so nothing is downloaded. Disjoint scenes between the
@@ -184,13 +191,25 @@ def render_view(img1: np.ndarray, hom: np.ndarray, rng: np.random.Generator) -> 
     return (np.rint(np.clip(view, 0, 1) * 255) / 255).astype(np.float32)
 
 
-def synthetic_sequence(ref: str, rng: np.random.Generator, patch_size: int) -> sequences.Correspondences:
-    """Keypoints of one photograph and their frames in ``views_per_image`` rendered views."""
+def render_sequence(ref: str, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """One photograph as a sequence: (image 1, views {k: image}, homographies {k: H 1 -> k})."""
     img1 = load_image(ref)
     homs = {k: random_homography(img1.shape, rng) for k in range(2, 2 + PARAMS["views_per_image"])}
     views = {k: render_view(img1, hom, rng) for k, hom in homs.items()}
+    return img1, views, homs
+
+
+def synthetic_sequence(ref: str, rng: np.random.Generator, patch_size: int,
+                       construction: str = DEFAULT) -> sequences.Correspondences:
+    """Keypoints of one photograph and their frames in ``views_per_image`` rendered views."""
+    return _correspondences(ref, render_sequence(ref, rng), patch_size, construction)
+
+
+def _correspondences(ref: str, rendered: tuple, patch_size: int, construction: str) -> sequences.Correspondences:
+    img1, views, homs = rendered
     return sequences.correspondences(ref, img1, views, homs, patch_size, PARAMS["max_keypoints"],
-                                     source=source_path(ref),
+                                     source=source_path(ref), construction=construction,
                                      plane_check=False)  # views are exact everywhere: no occluders to drop
 
 
@@ -219,10 +238,10 @@ def _train_split(cors: list[sequences.Correspondences], n: int, patch: int, rng:
     return pairs, np.ones(n, np.uint8), np.repeat(np.arange(n, dtype=np.int64)[:, None], 2, 1)
 
 
-def _eval_split(cors: list[sequences.Correspondences], n: int, patch: int, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _eval_split(cors: list[sequences.Correspondences], n: int, patch: int, rng: np.random.Generator,
+                first_sequence: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n pairs, exactly n // 2 positive, spread over the eval photographs as evenly as their
-    correspondences allow."""
+    correspondences allow. Ids: (first_sequence + photograph + 1) << 32 | keypoint."""
     caps = [int(cor.candidates()[0].size) for cor in cors]
     if sum(caps) < n // 2:
         raise RuntimeError(f"synthetic: {n} eval pairs need {n // 2} positive correspondences, the eval "
@@ -238,33 +257,104 @@ def _eval_split(cors: list[sequences.Correspondences], n: int, patch: int, rng: 
             left -= add
     counts = [2 * k for k in positives]
     counts[int(np.argmax(counts))] += n % 2  # an odd n: one more negative
-    parts = [sequences.eval_pairs(cor, c, rng, patch, (i + 1) * EVAL_ID_OFFSET)
+    parts = [sequences.eval_pairs(cor, c, rng, patch, (first_sequence + i + 1) * EVAL_ID_OFFSET)
              for i, (cor, c) in enumerate(zip(cors, counts)) if c]
     pairs, labels, ids = (np.concatenate([p[j] for p in parts]) for j in range(3))
     order = rng.permutation(n)  # mix photographs (and labels) across blocks
     return pairs[order], labels[order], ids[order]
 
 
-def _make_split(split: str, refs: list[str], n_pairs: int, patch: int, seed: int, progress: bool = False
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _make_split(split: str, refs: list[str], n_pairs: int, patch: int, seed: int, progress: bool = False,
+                mix: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A split's arrays; ``mix`` ({construction: weight}, see ``generate_synthetic``) cuts each share
+    of the pairs with its construction from the same rendered views."""
     from tqdm import tqdm
 
     # Independent stream per split: changing train_pairs leaves the eval data unchanged.
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0 if split == "train" else 1]))
-    cors = [synthetic_sequence(ref, rng, patch)
-            for ref in tqdm(refs, desc=f"synthetic {split} sequences", unit="image", disable=not progress)]
-    return (_train_split if split == "train" else _eval_split)(cors, n_pairs, patch, rng)
+    rendered = [render_sequence(ref, rng)
+                for ref in tqdm(refs, desc=f"synthetic {split} sequences", unit="image", disable=not progress)]
+    counts = mix_counts(mix, n_pairs, split)
+    parts = []
+    for slot, (name, n) in enumerate(counts.items()):
+        if n:
+            cors = [_correspondences(ref, r, patch, name) for ref, r in zip(refs, rendered)]
+            parts.append(_train_split(cors, n, patch, rng) if split == "train"
+                         else _eval_split(cors, n, patch, rng, first_sequence=slot * len(refs)))
+    if len(parts) == 1:  # one construction (today's default): no re-ordering
+        return parts[0]
+    pairs, labels, ids = (np.concatenate([part[j] for part in parts]) for j in range(3))
+    if split == "eval":
+        order = rng.permutation(n_pairs)  # mix constructions (and labels) across blocks
+        return pairs[order], labels[order], ids[order]
+    # train: interleave the constructions at random, each keeping its order (rounds over its points)
+    source = rng.permutation(np.repeat(np.arange(len(parts)), [len(part[1]) for part in parts]))
+    order = np.empty(n_pairs, np.int64)
+    start = 0
+    for j, part in enumerate(parts):
+        order[source == j] = start + np.arange(len(part[1]))
+        start += len(part[1])
+    return pairs[order], labels, np.repeat(np.arange(n_pairs, dtype=np.int64)[:, None], 2, 1)
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``"dog-oriented=2,harris-upright=1,hessian-rotated-hard"`` -> {construction: weight} (weight
+    1 where omitted), checked: what a ``--train-mix`` / ``--eval-mix`` flag passes to ``generate_synthetic``."""
+    mix: dict[str, float] = {}
+    for item in (s.strip() for s in text.split(",")):
+        name, _, weight = item.partition("=")
+        try:
+            mix[name.strip()] = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"mix {text!r}: weight of {name.strip()!r} must be a number, got {weight!r}") from None
+    _check_mix(mix, "mix")
+    return mix
+
+
+def _check_mix(mix: dict[str, float], what: str) -> None:
+    if not mix:
+        raise ValueError(f"{what}: empty; give construction=weight pairs")
+    for name, weight in mix.items():
+        sequences.get_construction(name)  # an unknown name: one error listing the valid ones
+        if not (np.isfinite(weight) and weight > 0):
+            raise ValueError(f"{what}: weight of {name!r} must be a positive number, got {weight}")
+
+
+def mix_counts(mix: dict[str, float] | None, n: int, split: str) -> dict[str, int]:
+    """Pairs per construction: ``n`` shared in proportion to the weights (largest remainder, ties to
+    the first), in whole positive+negative couples for eval (exactly n // 2 positives in all)."""
+    if not mix:
+        return {DEFAULT: n}
+    unit = 2 if split == "eval" else 1
+    units = n // unit
+    w = np.asarray(list(mix.values()), np.float64)
+    exact = units * w / w.sum()
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[: units - counts.sum()]] += 1
+    counts *= unit
+    counts[int(np.argmax(counts))] += n - counts.sum()  # an odd eval n: one more negative
+    return dict(zip(mix, counts.tolist()))
 
 
 def generate_synthetic(out_dir: str | os.PathLike, *, train_pairs: int = 20000, eval_pairs: int = 4000,
                        patch_size: int = 32, pairs_per_block: int = 256, blocks_per_shard: int = 8, seed: int = 0,
-                       images: dict[str, list[str]] | None = None, progress: bool = True) -> dict:
+                       images: dict[str, list[str]] | None = None, progress: bool = True,
+                       train_mix: dict[str, float] | None = None, eval_mix: dict[str, float] | None = None) -> dict:
     """Write train/eval shards of synthetic pairs plus manifest.json to ``out_dir``; return the manifest.
 
     ``images`` ({"train": [...], "eval": [...]}, "package:file" refs) replaces the default
     photographs, e.g. a few small ones where generation time matters more than variety (tests).
+    ``train_mix`` / ``eval_mix``: {construction: weight} (``sequences.get_construction`` names, e.g.
+    {"dog-oriented": 2, "harris-upright": 1, "hessian-rotated-hard": 1}; ``parse_mix`` reads
+    "name=weight,..."): the split's pairs are shared in proportion to the weights, each share cut by
+    its construction (detector, upright / dominant / rotated orientation, detector-like or HPatches
+    jitter) from the same rendered views; train shares are interleaved at random, eval shares
+    shuffled together. Default (None): every pair "dog-oriented", today's data byte for byte.
     Deterministic given the arguments: the same call twice writes byte-identical shards.
     """
+    for what, mix in (("train_mix", train_mix), ("eval_mix", eval_mix)):
+        if mix is not None:
+            _check_mix(mix, what)
     images = source_images() if images is None else {split: list(images.get(split, [])) for split in ("train", "eval")}
     if not images["train"] or not images["eval"]:
         raise ValueError(f"synthetic images: need at least one photograph per split, got {images}")
@@ -282,8 +372,9 @@ def generate_synthetic(out_dir: str | os.PathLike, *, train_pairs: int = 20000, 
     # A crash from here on leaves no manifest rather than an old one describing new shards.
     (out / "manifest.json").unlink(missing_ok=True)
     splits = {}
+    mixes = {"train": train_mix, "eval": eval_mix}
     for split, n in (("train", train_pairs), ("eval", eval_pairs)):
-        pairs, labels, ids = _make_split(split, images[split], n, patch_size, seed, progress)
+        pairs, labels, ids = _make_split(split, images[split], n, patch_size, seed, progress, mixes[split])
         blocks = (PairBlock(pairs[i : i + pairs_per_block], labels[i : i + pairs_per_block],
                             ids[i : i + pairs_per_block]) for i in range(0, n, pairs_per_block))
         splits[split] = write_split(out, split, blocks, blocks_per_shard, progress=progress)
@@ -293,4 +384,8 @@ def generate_synthetic(out_dir: str | os.PathLike, *, train_pairs: int = 20000, 
             "patch_size": patch_size, "pairs_per_block": pairs_per_block, "blocks_per_shard": blocks_per_shard,
             "images": images, "eval_id_offset": EVAL_ID_OFFSET, **PARAMS,
             "pairs": dict(sequences.PARAMS),
+            **{f"{split}_mix": {name: {"weight": (mix or {name: 1.0})[name], "pairs": count,
+                                       **sequences.get_construction(name).params()}
+                                for name, count in mix_counts(mix, n, split).items()}
+               for split, mix, n in (("train", train_mix, train_pairs), ("eval", eval_mix, eval_pairs))},
         }, splits=splits)
