@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from helpers import small_config
-from pipeline.models import create_model, list_models
-from pipeline.train import METRIC, build_trainer, model_from_checkpoint
+from pipeline.checkpoint import model_from_checkpoint
+from pipeline.evaluate import METRIC
+from pipeline.hooks import DumpParams
+from pipeline.models import create_model, list_models, model_info
+from pipeline.train import build_trainer
 
-TRAINABLE = [name for name in list_models() if create_model(name).trainable]
+TRAINABLE = [name for name in list_models() if model_info(name).trainable]
 PCA_HEADS = {"hardnet8", "l2net"}  # HardNet8's own PCA buffers, and one attached by the pipeline
 
 
@@ -28,7 +31,7 @@ def test_architecture_trains_with_two_ddp_workers(arch, ray_cluster, synthetic_s
     dump = tmp_path / "params"
     dump.mkdir()
     result = build_trainer(cfg, name=f"arch-{arch}", tracking_uri=tracking_uri, mlflow_run_id=None,
-                           extra_loop_config={"dump_params_dir": str(dump)}).fit()
+                           hooks=DumpParams(str(dump))).fit()
     assert math.isfinite(result.metrics["train_loss"]) and 0.0 <= result.metrics[METRIC] <= 1.0
     r0, r1 = (torch.load(dump / f"rank{r}-epoch0.pt") for r in (0, 1))
     params = {name for name, _ in create_model(arch, **cfg.model.factory_kwargs()).named_parameters()}

@@ -15,10 +15,11 @@ from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.data.sequences import sequence_pairs
 from pipeline.data.shards import load_manifest
-from pipeline.evaluate import SiftBaseline, pair_distances
+from pipeline.checkpoint import save_state
+from pipeline.evaluate import pair_distances
 from pipeline.metrics import fpr_at_95_recall
 from pipeline.models import create_model
-from pipeline.train import save_state
+from pipeline.models.sift import SIFT
 from test_phototour import make_dataset, write_raw
 
 GRAF = Path(__file__).resolve().parents[1] / "data" / "oxford_graf"
@@ -56,7 +57,7 @@ def test_evaluate_command_on_real_graf(tmp_path, monkeypatch, capsys):
     # independent recomputation on the same seeded pairs: a separate call with the same seed must
     # rebuild exactly the pairs the command scored, or SIFT's figure would differ
     pairs, labels, _ = sequence_pairs(GRAF, n_pairs=400, seed=3)
-    sift = fpr_at_95_recall(pair_distances(SiftBaseline(), pairs), labels)
+    sift = fpr_at_95_recall(pair_distances(SIFT(), pairs), labels)
     assert re.search(rf"sift \(kornia\)\s+{sift:.4f}\s+\[", out)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("patchflow-evaluation").experiment_id])
@@ -69,5 +70,5 @@ def test_evaluate_command_on_real_graf(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     pairs_r, labels_r, _ = sequence_pairs(GRAF, n_pairs=400, seed=3, redetect=True)
     assert not np.array_equal(pairs_r, pairs)
-    sift_r = fpr_at_95_recall(pair_distances(SiftBaseline(), pairs_r), labels_r)
+    sift_r = fpr_at_95_recall(pair_distances(SIFT(), pairs_r), labels_r)
     assert re.search(rf"sift \(kornia\)\s+{sift_r:.4f}\s+\[", out)

@@ -1,13 +1,14 @@
 """PCA fitted here against scikit-learn's PCA, and the projection kept as model buffers."""
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from sklearn.decomposition import PCA
 
-from pipeline.models import create_model
+from pipeline.models import create_model, model_info
 from pipeline.pca import PCAProjection, attach_pca, fit_pca
 
 
@@ -54,7 +55,9 @@ def test_attach_pca_wraps_a_model_and_round_trips():
         desc = model(torch.rand(200, 1, 32, 32))
     components, mean = fit_pca(desc, 24)
     wrapped = attach_pca(model, components, mean).eval()
-    assert wrapped.descriptor_dim == 24 and wrapped.input_size == 32 and wrapped.kind == "embedding"
+    assert wrapped.descriptor_dim == 24 and wrapped.input_size == 32
+    # the backbone's metadata, resized; no second head on top (l2net is unit-norm already)
+    assert wrapped.info == replace(model_info("l2net"), descriptor_dim=24, pca="none")
     x = torch.rand(5, 1, 32, 32)
     with torch.no_grad():
         out = wrapped(x)
@@ -75,6 +78,6 @@ def test_attach_pca_refuses_mismatches():
     with pytest.raises(ValueError, match="128-d"):
         attach_pca(model, torch.zeros(8, 64), torch.zeros(64))
     classifier = torch.nn.Identity()
-    classifier.kind, classifier.descriptor_dim = "pair_classifier", 64  # MatchNet's kind, without its build cost
+    classifier.info, classifier.descriptor_dim = model_info("matchnet"), 64  # MatchNet's metadata, without its build cost
     with pytest.raises(ValueError, match="pair_classifier"):
         attach_pca(classifier, torch.zeros(8, 64), torch.zeros(64))

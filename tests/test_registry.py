@@ -16,8 +16,9 @@ from pipeline.data.stream import load_pairs
 from pipeline.evaluate import evaluate_pairs
 from pipeline.models import create_model
 from pipeline.registry import CHALLENGER, CHAMPION, promote, register_checkpoint
+from pipeline.checkpoint import save_state
+from pipeline.evaluate import METRIC
 from pipeline.tracking import get_or_create_experiment
-from pipeline.train import METRIC, save_state
 
 
 @pytest.fixture(params=["server", "sqlite"])
