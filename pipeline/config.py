@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.device import gpu_count
 from pipeline.losses import DEFAULT_MARGIN, LossName
@@ -168,9 +168,18 @@ class ArchitectureSweep(_Strict):
     num_samples: int | None = Field(None, ge=1)
     workers_per_trial: int | None = Field(None, ge=1)
 
+    # Keys are checked here, as --set's are; values once load_sweep has merged the architecture's model file.
+    _known_keys = field_validator("search_space", "overrides")(lambda space: _known_keys(space))
+
+
+def _registered_arch(name: str) -> str:
+    if name not in list_models():
+        raise ValueError(f"a registered model ({', '.join(list_models())})")
+    return name
+
 
 class SweepConfig(_Strict):
-    architectures: dict[str, ArchitectureSweep] | None = Field(
+    architectures: dict[Annotated[str, AfterValidator(_registered_arch)], ArchitectureSweep] | None = Field(
         None, description="several architectures, each its own Tune run; None = just model.arch"
     )
     models_dir: str = Field("../models", description="folder of <arch>.yaml model files, relative to this config")
@@ -184,12 +193,7 @@ class SweepConfig(_Strict):
     reduction_factor: int = Field(2, ge=2)
     pca_dims: list[int] = Field(default_factory=list, description="PCA output dims tried on each best embedding tower, no retraining")
 
-    @field_validator("search_space")
-    @classmethod
-    def _known_keys(cls, space: dict[str, SearchDomain]) -> dict[str, SearchDomain]:
-        for key in space:
-            _field_for(key)
-        return space
+    _known_keys = field_validator("search_space")(lambda space: _known_keys(space))
 
 
 class Config(_Strict):
@@ -208,6 +212,13 @@ class Config(_Strict):
         for key, value in updates.items():
             _set_dotted(raw, key, value)
         return Config.model_validate(raw)
+
+
+def _known_keys(keyed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Every key of a search space or of overrides names a leaf of Config (the same check as --set)."""
+    for key in keyed or {}:
+        _field_for(key)
+    return keyed
 
 
 def _field_for(dotted: str) -> None:
@@ -237,7 +248,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 
 def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(top level)"  # "[key]": a dict key's own check
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     if err["type"] == "missing":
