@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -230,13 +230,19 @@ def _field_for(dotted: str) -> None:
         if part not in fields:
             where = ".".join(parts[:i]) or "the top level"
             raise ValueError(f"unknown key {dotted!r}: {where} has {', '.join(fields)}")
-        annotation = fields[part].annotation
+        annotation = _section_of(fields[part].annotation)
         if i < len(parts) - 1:
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                 raise ValueError(f"unknown key {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
             model = annotation
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             raise ValueError(f"{dotted!r} is a section, not a value")
+
+
+def _section_of(annotation: Any) -> Any:
+    """``SweepConfig | None`` -> ``SweepConfig``: an optional section is still a section."""
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 and type(None) in get_args(annotation) else annotation
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -152,6 +152,10 @@ def test_sweep_overrides_are_checked_like_set(tmp_path):
         parse_overrides(["train.epoch=1"])
     message = str(from_set.value).removeprefix("--set 'train.epoch=1': ")
     assert f"{path}: sweep.architectures.hardnet.overrides: {message}" in str(from_file.value)
+    # keys of the optional sweep section are keys too, in both places
+    assert parse_overrides(["sweep.search_alg=optuna"]) == {"sweep.search_alg": "optuna"}
+    path = write(tmp_path, "data: {shards: s}\nsweep: {architectures: {hardnet: {overrides: {sweep.search_alg: optuna}}}}\n")
+    assert load_config(path, available_cpus=2, available_gpus=0).sweep.architectures["hardnet"].overrides == {"sweep.search_alg": "optuna"}
 
 
 def test_model_options_are_checked_against_the_factory(tmp_path):
