@@ -15,11 +15,11 @@ from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.data.sequences import sequence_pairs
 from pipeline.data.shards import load_manifest
-from pipeline.checkpoint import save_state
 from pipeline.evaluate import pair_distances
 from pipeline.metrics import fpr_at_95_recall
 from pipeline.models import create_model
 from pipeline.models.sift import SIFT
+from helpers import save_checkpoint
 from test_phototour import make_dataset, write_raw
 
 GRAF = Path(__file__).resolve().parents[1] / "data" / "oxford_graf"
@@ -46,12 +46,8 @@ def test_evaluate_command_on_real_graf(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     torch.manual_seed(0)
-    model = create_model("hardnet")
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    save_state(ckpt, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, step=0,
-               mlflow_run_id=None, cfg=Config.model_validate({"data": {"shards": "unused"}}))
-    args = ["evaluate", "--images", str(GRAF), "--model", str(ckpt), "--pairs", "400", "--seed", "3"]
+    ckpt = save_checkpoint(tmp_path / "ckpt", create_model("hardnet"), Config.model_validate({"data": {"shards": "unused"}}))
+    args = ["evaluate", "--images", str(GRAF), "--model", ckpt, "--pairs", "400", "--seed", "3"]
     assert main(args) == 0
     out = capsys.readouterr().out
     # independent recomputation on the same seeded pairs: a separate call with the same seed must
