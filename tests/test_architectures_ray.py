@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import small_config
+from helpers import checkpoint_fpr95, small_config
 from pipeline.checkpoint import model_from_checkpoint
 from pipeline.evaluate import METRIC
 from pipeline.hooks import DumpParams
@@ -32,7 +32,9 @@ def test_architecture_trains_with_two_ddp_workers(arch, ray_cluster, synthetic_s
     dump.mkdir()
     result = build_trainer(cfg, name=f"arch-{arch}", tracking_uri=tracking_uri, mlflow_run_id=None,
                            hooks=DumpParams(str(dump))).fit()
-    assert math.isfinite(result.metrics["train_loss"]) and 0.0 <= result.metrics[METRIC] <= 1.0
+    assert math.isfinite(result.metrics["train_loss"])
+    # the reported figure is the checkpoint's model's (its PCA head included), recomputed apart
+    assert result.metrics[METRIC] == checkpoint_fpr95(result.checkpoint.path, cfg)
     r0, r1 = (torch.load(dump / f"rank{r}-epoch0.pt") for r in (0, 1))
     params = {name for name, _ in create_model(arch, **cfg.model.factory_kwargs()).named_parameters()}
     assert params and all(torch.equal(r0[k], r1[k]) for k in params), "DDP let the ranks' weights diverge"

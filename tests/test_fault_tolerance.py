@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import small_config
+from helpers import checkpoint_fpr95, small_config
 from pipeline.checkpoint import load_state
 from pipeline.evaluate import METRIC
 from pipeline.hooks import FailOnce
@@ -44,4 +44,5 @@ def test_unreachable_tracking_server_does_not_stop_training(ray_cluster, synthet
     cfg = small_config(synthetic_shards, tmp_path, dead, train={"epochs": 1, "batches_per_epoch": 2},
                        scaling={"num_workers": 1})
     result = build_trainer(cfg, name="no-tracking", tracking_uri=dead, mlflow_run_id="0" * 32).fit()
-    assert result.metrics["epoch"] == 1 and 0 <= result.metrics[METRIC] <= 1
+    assert result.metrics["epoch"] == 1 and load_state(result.checkpoint.path)["step"] == 2
+    assert result.metrics[METRIC] == checkpoint_fpr95(result.checkpoint.path, cfg)

@@ -8,6 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.ray  # a 2-node Ray cluster of its own, in a subprocess
+
 SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
