@@ -24,8 +24,9 @@ demo: install
 	echo "[patchflow] demo wall time: $$(( $$(date +%s) - start )) s; browse runs with: make mlflow-ui"
 
 # After `make demo`: every registered architecture's FPR95 on the synthetic eval split and on real
-# Oxford graf pairs, with SIFT (issue 7's table).
+# Oxford graf pairs, with SIFT (issue 7's table) and OpenCV's baselines (the [baselines] extra).
 quality: install
+	$(BIN)/python -m pip install -q -e ".[baselines]"
 	$(BIN)/python benchmarks/quality.py
 
 test: install

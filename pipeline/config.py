@@ -36,6 +36,8 @@ class DataConfig(_Strict):
     verify_checksums: bool = Field(True, description="check every shard's sha256 against the manifest before training")
     on_bad_checksum: Literal["error", "skip"] = Field("error", description="refuse to train, or leave the shard out")
     eval_pairs: int | None = Field(None, ge=2, description="cap on eval pairs (None = all)")
+    on_short_eval: Literal["error", "skip"] = Field(
+        "error", description="an eval shard gave fewer pairs than its manifest lists: refuse, or evaluate on what was read")
 
 
 class ModelConfig(_Strict):

@@ -11,7 +11,7 @@ from torch import nn
 from pipeline.data.stream import load_pairs
 from pipeline.device import DevicePlan, plan_for
 from pipeline.metrics import fpr_at_95_recall
-from pipeline.models import fit_input
+from pipeline.models import fit_input, info_of
 from pipeline.models.sift import SIFT as SiftBaseline  # noqa: F401  (the baseline's old import path)
 from pipeline.pca import attach_pca, fit_pca
 
@@ -30,18 +30,20 @@ def describe(
     model: nn.Module, patches: np.ndarray, plan: DevicePlan | None = None, batch_size: int | None = None, method: str = "forward"
 ) -> np.ndarray:
     """uint8 patches (N, P, P) -> descriptors (N, D) float32, in eval mode, resized to the
-    model's input size when the patches differ (``method="embed"``: HardNet8's pre-PCA output)."""
+    model's input size when the patches differ (``method="embed"``: HardNet8's pre-PCA output; a
+    foreign module, without ``info``, gets the patches at their own size)."""
     plan = plan or plan_for(use_gpu=False)
     batch_size = batch_size or plan.eval_batch_size
     was_training = model.training
     model.eval()
     fn = getattr(model, method)
+    size = model.input_size if info_of(model) is not None else patches.shape[-1]
     out = []
     try:
         for start in range(0, len(patches), batch_size):
             x = plan.prepare_batch(torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size])).unsqueeze(1))
             with plan.eval_autocast():
-                out.append(fn(fit_input(x, model.input_size)).float().cpu())
+                out.append(fn(fit_input(x, size)).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out).numpy()
@@ -52,7 +54,8 @@ def pair_distances(model: nn.Module, pairs: np.ndarray, plan: DevicePlan | None 
     (a pair classifier's own ``distance`` on its features instead)."""
     n = len(pairs)
     desc = describe(model, np.concatenate([pairs[:, 0], pairs[:, 1]]), plan)
-    if model.info.kind == "pair_classifier":  # MatchNet: its metric network ranks pairs
+    info = info_of(model)
+    if info is not None and info.kind == "pair_classifier":  # MatchNet: its metric network ranks pairs
         with torch.no_grad():
             return model.eval().distance(torch.from_numpy(desc[:n]), torch.from_numpy(desc[n:])).float().numpy()
     return np.linalg.norm(desc[:n] - desc[n:], axis=1)

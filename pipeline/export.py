@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.models import ModelInfo
+from pipeline.models import info_of
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
@@ -218,7 +218,7 @@ def export_descriptor(model: nn.Module, fmt: Literal["torchscript", "onnx"], out
     for attr in ("input_size", "descriptor_dim"):
         if not isinstance(getattr(model, attr, None), int):
             raise ExportError(f"{name} has no integer {attr!r}: not a descriptor model of pipeline.models")
-    if not isinstance(getattr(model, "info", None), ModelInfo):
+    if info_of(model) is None:
         raise ExportError(f"{name} has no ModelInfo 'info': not a descriptor model of pipeline.models")
     kind = model.info.kind
     if kind == "pair_classifier" and not callable(getattr(model, "score", None)):

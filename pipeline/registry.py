@@ -5,7 +5,6 @@ metrics may come from other data or code). MLflow 3: aliases, not stages.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import subprocess
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ from packaging.requirements import Requirement
 
 from pipeline.checkpoint import model_from_checkpoint
 from pipeline.config import Config
-from pipeline.data.shards import shard_paths
-from pipeline.data.stream import load_pairs
+from pipeline.data.shards import manifest_sha256 as _manifest_sha256
+from pipeline.data.stream import load_eval_split
 from pipeline.evaluate import METRIC, evaluate_pairs, pair_distances
 from pipeline.metrics import fpr_at_95_recall
 from pipeline.pca import pca_head_dim
@@ -62,7 +61,7 @@ def _git_commit() -> str:
 
 
 def manifest_sha256(shard_dir: str | Path) -> str:
-    return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()
+    return _manifest_sha256(shard_dir)  # local, http(s)://, s3://, gs://
 
 
 # What a logged model needs to unpickle and run: these packages, as pyproject.toml pins them.
@@ -123,7 +122,7 @@ def register_checkpoint(
     model = trained if model is None else model.eval()  # e.g. the tower with a PCA head attached
     name = cfg.mlflow.model_name(trained_cfg.model.arch)
     if eval_pairs is None:
-        pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
+        pairs, labels, _ = load_eval_split(cfg.data)
     else:
         pairs, labels = eval_pairs
     distances = pair_distances(model, pairs)

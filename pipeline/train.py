@@ -25,8 +25,8 @@ import torch.distributed as dist
 from pipeline.augment import fliprot, make_jitter
 from pipeline.checkpoint import build_model, load_state, save_state
 from pipeline.config import Config
-from pipeline.data.shards import ShardError, load_manifest, shard_paths, shard_sha256
-from pipeline.data.stream import check_shard_count, load_pairs, train_loader
+from pipeline.data.shards import shard_paths, verify_checksums
+from pipeline.data.stream import check_shard_count, load_eval_split, train_loader
 from pipeline.device import DevicePlan, plan_for
 from pipeline.evaluate import METRIC, evaluate_pairs, fit_descriptor_pca
 from pipeline.hooks import TrainHooks
@@ -96,7 +96,7 @@ class _Worker:
         # at all (killed before Ray recorded the first checkpoint): epochs already in MLflow are kept.
         self.logged_epochs = self.logger.logged_steps(METRIC) if self.rank == 0 else set()
         if self.rank == 0:
-            self.eval_pairs, self.eval_labels, _ = load_pairs(urls["eval"], cfg.data.eval_pairs)
+            self.eval_pairs, self.eval_labels, _ = load_eval_split(cfg.data, urls["eval"])  # checksums verified again here
         self.augment_rng = torch.Generator().manual_seed(t.seed * 1000 + self.rank)
         self.jitter = make_jitter(t.augment_rotation_deg, t.augment_scale)
 
@@ -211,25 +211,11 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
     """Data checks that must fail before Ray starts: manifest readable, shards present, checksums
     match (or bad shards left out with ``data.on_bad_checksum: skip``), enough shards for every
     rank. Returns the shard paths per split that training should read."""
-    manifest = load_manifest(cfg.data.shards)
     urls = {}
     for split in ("train", "eval"):
         paths = shard_paths(cfg.data.shards, split)
         if cfg.data.verify_checksums:
-            expected = {sh["name"]: sh["sha256"] for sh in manifest["splits"][split]["shards"]}
-            good = []
-            for path in paths:
-                actual = shard_sha256(path)
-                if actual == expected[path.rsplit("/", 1)[-1]]:
-                    good.append(path)
-                    continue
-                problem = f"{path}: sha256 {actual} does not match the manifest's {expected[path.rsplit('/', 1)[-1]]}"
-                if cfg.data.on_bad_checksum == "error":
-                    raise ShardError(problem + " (set data.on_bad_checksum: skip to leave it out)")
-                log.warning("%s: shard left out", problem)
-            paths = good
-        if not paths:
-            raise ShardError(f"{cfg.data.shards}: no usable {split} shard left after checksum verification")
+            paths = verify_checksums(cfg.data.shards, split, paths, on_bad=cfg.data.on_bad_checksum)
         urls[split] = paths
     world = max(1, cfg.sweep.workers_per_trial if cfg.sweep else cfg.scaling.num_workers)
     check_shard_count(len(urls["train"]), world, cfg.data.loader_workers)

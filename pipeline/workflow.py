@@ -19,8 +19,7 @@ import torch
 
 from pipeline.checkpoint import model_from_checkpoint
 from pipeline.config import Config, ConfigError
-from pipeline.data.shards import shard_paths
-from pipeline.data.stream import load_pairs
+from pipeline.data.stream import load_eval_pairs, load_eval_split
 from pipeline.evaluate import METRIC, pair_distances, pca_dimension_curve, pca_fit_patches
 from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
 from pipeline.models.sift import SIFT
@@ -219,7 +218,7 @@ def sweep(
     if not resume_id:
         sweep_id = new_sweep_id()
         parent_id = start_parent_run(first, sweep_id, configs)
-    pairs, labels, _ = load_pairs(verified[0]["eval"], first.data.eval_pairs)
+    pairs, labels, _ = load_eval_split(first.data, verified[0]["eval"])
     uri = resolve_tracking_uri(first.mlflow.tracking_uri)
     client = MlflowClient(uri)
     reports, curves = [], {}
@@ -349,7 +348,7 @@ def promote_registered(model_name: str, *, shards: str | None = None, eval_pairs
         shards = version.tags.get("data_shards")
         if not shards:
             raise ConfigError(f"{model_name} v{version.version} has no data_shards tag; pass --shards DIR")
-    pairs, labels, _ = load_pairs(shard_paths(shards, "eval"), eval_pairs)
+    pairs, labels, _ = load_eval_pairs(shards, eval_pairs)  # checksums verified, a short set refused
     return promote(model_name, pairs, labels, min_improvement=min_improvement, dry_run=dry_run)
 
 

@@ -233,6 +233,31 @@ def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def expand_vars(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in env values, command and args (unknown names stay as written)."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def container_env(container: dict, config_maps: dict[str, dict], secrets: dict[str, dict]) -> dict[str, str]:
+    """The environment the kubelet gives a container, from ConfigMaps / Secrets given as {name: data}."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(config_maps[source["configMapRef"]["name"]])
+        if "secretRef" in source:
+            env.update(secrets[source["secretRef"]["name"]])
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = expand_vars(e["value"], env)
+            continue
+        ref = e["valueFrom"]
+        if "secretKeyRef" in ref:
+            env[e["name"]] = secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]]
+        elif "configMapKeyRef" in ref:
+            env[e["name"]] = config_maps[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]]
+    return env
+
+
 # --------------------------------------------------------------------------------------------
 # policy checks: each returns a list of problems
 
@@ -412,6 +437,442 @@ def check_gpu_overlay(objs: list[dict]) -> list[str]:
 def gpu_mentions(objs: list[dict]) -> list[str]:
     text = yaml.safe_dump_all(objs)
     return [m for m in ("nvidia.com/gpu", "use_gpu=true", "num-gpus") if m in text]
+
+
+# --------------------------------------------------------------------------------------------
+# hardening (issue 15): read-only roots, seccomp, secrets by reference, TLS to Postgres, MLflow
+# auth, images by digest, NetworkPolicies. Each returns problems, like the checks above.
+
+
+def image_repository(image: str) -> str:
+    """registry.example.com/patchflow@sha256:... -> patchflow; postgres:17 -> postgres."""
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return last.split(":", 1)[0]
+
+
+def container_image(c: dict, pod: dict) -> str:
+    """The container's image; KubeRay's autoscaler runs the head's image unless autoscalerOptions sets one."""
+    return c.get("image") or pod["containers"][0].get("image", "")
+
+
+# What each image writes outside its volumes' data, by image repository (k8s/README.md,
+# "Security model"): /tmp everywhere (Ray's session folder /tmp/ray included), $HOME for the
+# patchflow image (torch / matplotlib caches), Postgres' socket folder and its data.
+WRITABLE_PATHS = {
+    "patchflow": ("/tmp", "/home/patchflow"),
+    "postgres": ("/tmp", "/var/run/postgresql", "/var/lib/postgresql/data"),
+}
+
+
+def check_read_only_root(objs: list[dict]) -> list[str]:
+    """readOnlyRootFilesystem on every container, and a writable volume at each path its image
+    writes (an emptyDir for /tmp); every emptyDir has a sizeLimit (it replaces the root's writes)."""
+    problems = []
+    for obj in objs:
+        claims = {t["metadata"]["name"] for t in obj.get("spec", {}).get("volumeClaimTemplates", [])}
+        for where, c, pod in all_containers(obj):
+            if (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where}: securityContext.readOnlyRootFilesystem is not true")
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts", [])}
+            repo = image_repository(container_image(c, pod))
+            for path in WRITABLE_PATHS.get(repo, ("/tmp",)):
+                mount = mounts.get(path)
+                if mount is None:
+                    problems.append(f"{where}: nothing writable mounted at {path} ({repo} writes there)")
+                    continue
+                volume = volumes.get(mount["name"], {})
+                writable = "emptyDir" in volume or "persistentVolumeClaim" in volume or mount["name"] in claims
+                if mount.get("readOnly") or not writable or (path == "/tmp" and "emptyDir" not in volume):
+                    problems.append(f"{where}: {path} must be a writable {'emptyDir' if path == '/tmp' else 'volume'}, "
+                                    f"got volume {mount['name']!r} ({', '.join(sorted(volume)) or 'claim'}"
+                                    f"{', mounted readOnly' if mount.get('readOnly') else ''})")
+        for where, pod in pod_specs(obj):
+            for v in pod.get("volumes", []):
+                if "emptyDir" in v and not (v["emptyDir"] or {}).get("sizeLimit"):
+                    problems.append(f"{where}: emptyDir {v['name']!r} has no sizeLimit")
+    return problems
+
+
+def check_seccomp(objs: list[dict]) -> list[str]:
+    """A seccomp profile (RuntimeDefault, or a node's Localhost profile) on every container, set on
+    the container or inherited from its pod."""
+    problems = []
+    for obj in objs:
+        for where, c, pod in all_containers(obj):
+            profile = ((c.get("securityContext") or {}).get("seccompProfile")
+                       or (pod.get("securityContext") or {}).get("seccompProfile") or {})
+            if profile.get("type") not in ("RuntimeDefault", "Localhost"):
+                problems.append(f"{where}: seccompProfile must be RuntimeDefault (pod or container), got {profile.get('type')!r}")
+    return problems
+
+
+SHELL_REFERENCE = re.compile(r"\$(?:\((\w+)\)|\{(\w+)\}|(\w+))")
+
+
+def command_lines(c: dict) -> Iterator[tuple[str, str]]:
+    """(what, string) for every argv string a container runs: command, args, exec probes and hooks."""
+    for key in ("command", "args"):
+        for s in c.get(key) or []:
+            yield key, s
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        for s in ((c.get(probe) or {}).get("exec") or {}).get("command", []):
+            yield probe, s
+    for hook, handler in (c.get("lifecycle") or {}).items():
+        for s in ((handler or {}).get("exec") or {}).get("command", []):
+            yield f"lifecycle.{hook}", s
+
+
+def check_secrets_not_on_command_lines(objs: list[dict]) -> list[str]:
+    """No Secret reaches a command line: argv is world-readable on the node (/proc/PID/cmdline, ps)
+    and is shown by `kubectl describe`. A `$(VAR)` expansion (Kubernetes) or `$VAR` (a shell) of a
+    variable that comes from a Secret or has a credential's name is a problem, as is any URI
+    with a password part (even `$(VAR)`)."""
+    problems = []
+    for obj in objs:
+        for where, c, _ in all_containers(obj):
+            from_secret = {e["name"] for e in c.get("env", []) if "secretKeyRef" in (e.get("valueFrom") or {})}
+            secret_env_from = any("secretRef" in e for e in c.get("envFrom", []))
+            for what, line in command_lines(c):
+                for m in SHELL_REFERENCE.finditer(line):
+                    var = next(g for g in m.groups() if g)
+                    if var in from_secret or (SENSITIVE.search(var) and var != "RAY_AUTH_MODE") or (
+                            secret_env_from and var not in env_of(c)):
+                        problems.append(f"{where}: {what} expands {m.group(0)} (a Secret's value) into a command line; "
+                                        "pass it as an environment variable or a file the program reads")
+                if URI_WITH_PASSWORD.search(line):
+                    problems.append(f"{where}: {what} holds a URI with a password part")
+    return problems
+
+
+POSTGRES_URI = re.compile(r"postgres(?:ql)?(?:\+\w+)?://[^\s\"']+", re.I)
+TLS_SSLMODES = ("require", "verify-ca", "verify-full")
+
+
+def postgres_uris(objs: list[dict]) -> list[tuple[str, str]]:
+    """(where, URI) for every Postgres URI in the manifests: args, env values, ConfigMap data."""
+    found = []
+    for obj in objs:
+        where = f"{obj.get('kind')}/{obj['metadata']['name']}"
+        for s in strings(obj):
+            found += [(where, m.group(0)) for m in POSTGRES_URI.finditer(s)]
+    return found
+
+
+def postgres_settings(args: list[str]) -> dict[str, str]:
+    """`postgres -c key=value ...` / `--key=value` flags -> {key: value}."""
+    out = {}
+    for flag, value in zip(["", *args], args):
+        if flag == "-c" and "=" in value:
+            key, _, v = value.partition("=")
+            out[key.strip()] = v.strip()
+        elif value.startswith("--") and "=" in value:
+            key, _, v = value[2:].partition("=")
+            out[key.replace("-", "_")] = v
+    return out
+
+
+def mounted_source(c: dict, pod: dict, path: str) -> tuple[str, dict] | None:
+    """The volume (name, spec) a container sees at file ``path``."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in sorted(c.get("volumeMounts", []), key=lambda m: -len(m["mountPath"])):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            return m["name"], volumes.get(m["name"], {})
+    return None
+
+
+def mounted_config_file(c: dict, pod: dict, path: str, config_maps: dict[str, dict]) -> str | None:
+    """The text a container reads at file ``path`` from a mounted ConfigMap ({name: data}), or None."""
+    source = mounted_source(c, pod, path)
+    if source is None or "configMap" not in source[1]:
+        return None
+    return config_maps.get(source[1]["configMap"]["name"], {}).get(path.rsplit("/", 1)[-1])
+
+
+def check_postgres_tls(objs: list[dict]) -> list[str]:
+    """Every client URI requires TLS (sslmode require / verify-ca / verify-full); every Postgres
+    server has ssl=on with its certificate and key from a Secret volume and a pg_hba.conf (from
+    a ConfigMap) that accepts TCP connections over TLS only."""
+    from urllib.parse import parse_qs, urlsplit
+
+    problems = []
+    for where, uri in postgres_uris(objs):
+        modes = parse_qs(urlsplit(uri).query).get("sslmode", [])
+        if not modes or modes[-1] not in TLS_SSLMODES:
+            problems.append(f"{where}: {uri} does not require TLS (add sslmode=verify-full or require)")
+    config_maps = {o["metadata"]["name"]: o.get("data") or {} for o in by_kind(objs, "ConfigMap")}
+    for obj in objs:
+        for where, c, pod in all_containers(obj):
+            if image_repository(container_image(c, pod)) != "postgres":
+                continue
+            settings = postgres_settings([*c.get("command", []), *c.get("args", [])])
+            if settings.get("ssl") != "on":
+                problems.append(f"{where}: Postgres runs without ssl=on")
+            for key in ("ssl_cert_file", "ssl_key_file"):
+                source = mounted_source(c, pod, settings.get(key, ""))
+                if source is None or "secret" not in source[1]:
+                    problems.append(f"{where}: {key} must name a file of a mounted Secret, got {settings.get(key)!r}")
+            hba = settings.get("hba_file", "")
+            text = mounted_config_file(c, pod, hba, config_maps)
+            if text is None:
+                problems.append(f"{where}: hba_file must name a pg_hba.conf of a mounted ConfigMap, got {hba!r}")
+                continue
+            for line in text.splitlines():
+                fields = line.split("#", 1)[0].split()
+                if fields and fields[0] in ("host", "hostnossl", "hostgssenc", "hostnogssenc") and fields[-1] != "reject":
+                    problems.append(f"{where}: pg_hba.conf accepts TCP connections without TLS: {line.strip()!r}")
+    return problems
+
+
+MLFLOW_JOB_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _secret_ref(c: dict, name: str) -> tuple[str, str] | None:
+    ref = ((env_of(c).get(name) or {}).get("valueFrom") or {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+def mlflow_servers(objs: list[dict]) -> Iterator[tuple[str, dict, dict]]:
+    """(where, container, pod) of every container that runs `mlflow server`."""
+    for obj in objs:
+        for where, c, pod in all_containers(obj):
+            argv = [*c.get("command", []), *c.get("args", [])]
+            if argv[:2] == ["mlflow", "server"]:
+                yield where, c, pod
+
+
+def check_mlflow_auth(objs: list[dict]) -> list[str]:
+    """The MLflow server runs MLflow's basic-auth app with the admin and the CSRF key from a
+    Secret; an init container of its pod creates the Ray jobs' account from the Secret that every
+    Ray container reads (MLFLOW_TRACKING_USERNAME / PASSWORD), which is not the admin's."""
+    problems = []
+    servers = list(mlflow_servers(objs))
+    if not servers:
+        problems.append("no container runs `mlflow server`")
+    job_refs = set()
+    for obj in objs:
+        for where, c in ray_pod_containers(obj):
+            refs = tuple(_secret_ref(c, name) for name in MLFLOW_JOB_CREDENTIALS)
+            if None in refs:
+                problems.append(f"{where}: {' and '.join(MLFLOW_JOB_CREDENTIALS)} must come from a secretKeyRef "
+                                "(the MLflow server asks every client to sign in)")
+            else:
+                job_refs.add(refs)
+    if len(job_refs) > 1:
+        problems.append(f"Ray containers sign in to MLflow as different accounts: {sorted(job_refs)}")
+    config_maps = {o["metadata"]["name"]: o.get("data") or {} for o in by_kind(objs, "ConfigMap")}
+    for where, c, pod in servers:
+        argv = [*c.get("command", []), *c.get("args", [])]
+        app = next((a.split("=", 1)[1] for a in argv if a.startswith("--app-name=")), None)
+        if app is None and "--app-name" in argv[:-1]:
+            app = argv[argv.index("--app-name") + 1]
+        if app != "basic-auth":
+            problems.append(f"{where}: mlflow server runs without --app-name basic-auth: anyone who reaches it may write")
+        admin = _secret_ref(c, "MLFLOW_AUTH_ADMIN_PASSWORD")
+        for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+            if _secret_ref(c, name) is None:
+                problems.append(f"{where}: {name} must come from a secretKeyRef")
+        config_path = (env_of(c).get("MLFLOW_AUTH_CONFIG_PATH") or {}).get("value", "")
+        ini = mounted_config_file(c, pod, config_path, config_maps)
+        if ini is None:
+            problems.append(f"{where}: MLFLOW_AUTH_CONFIG_PATH must name a basic_auth.ini of a mounted ConfigMap, got {config_path!r}")
+        elif re.search(r"^\s*admin_password\s*=", ini, re.M):
+            problems.append(f"{where}: basic_auth.ini holds admin_password: the admin's password belongs in a Secret")
+        makers = {tuple(_secret_ref(init, n) for n in MLFLOW_JOB_CREDENTIALS) for init in pod.get("initContainers", [])}
+        for refs in job_refs:
+            if refs not in makers:
+                problems.append(f"{where}: no init container creates the Ray jobs' MLflow account {refs[0]}")
+            if admin in refs:
+                problems.append(f"{where}: the Ray jobs sign in with the admin's password {admin}: give them their own account")
+    return problems
+
+
+DIGEST_PINNED = re.compile(r"[^\s@]+@sha256:[0-9a-f]{64}")
+
+
+def check_image_digests(objs: list[dict]) -> list[str]:
+    """Every image by digest (NAME@sha256:<64 hex>): a tag can be moved to other content."""
+    problems = []
+    for obj in objs:
+        for where, c, _ in all_containers(obj):
+            if "image" in c and not DIGEST_PINNED.fullmatch(c["image"]):
+                problems.append(f"{where}: image {c['image']!r} is not pinned by digest (NAME@sha256:...)")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# NetworkPolicies: a small evaluator of the Kubernetes semantics (a pod selected by a policy of a
+# type is isolated for that direction; a connection needs the destination's ingress and the
+# source's egress to allow it), run over the release's pods and a few outsiders.
+
+RELEASE_NAMESPACE = "patchflow"                 # any namespace: the manifests name none
+KUBERAY_OPERATOR_NAMESPACE = "default"          # base/networkpolicy.yaml names the same
+KUBERAY_OPERATOR_LABELS = {"app.kubernetes.io/component": "kuberay-operator", "app.kubernetes.io/name": "kuberay-operator"}
+
+
+Pod = dict  # name, namespace, labels, ports ({port name: number}), role (what it runs, or None)
+
+
+def make_pod(name: str, namespace: str, labels: dict, ports: dict | None = None, role: str | None = None) -> Pod:
+    return Pod(name=name, namespace=namespace, labels=dict(labels), ports=dict(ports or {}), role=role)
+
+
+def _role(kind: str, pod: dict) -> str | None:
+    """What a pod is, from what it runs (not from its labels, which the policies select on)."""
+    if kind in ("RayCluster", "RayJob"):
+        return "ray" if kind == "RayCluster" else "ray-job-submitter"
+    for c in pod.get("containers", []):
+        if [*c.get("command", []), *c.get("args", [])][:2] == ["mlflow", "server"]:
+            return "mlflow"
+        if image_repository(c.get("image", "")) == "postgres":
+            return "postgres"
+    return None
+
+
+def release_pods(objs: list[dict]) -> list[Pod]:
+    """One pod per pod template, with the labels it will carry (KubeRay adds ray.io/* ones)."""
+    pods = []
+    for obj in objs:
+        kind, name, spec = obj.get("kind"), obj["metadata"]["name"], obj.get("spec", {})
+        templates = []
+        if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            templates.append((f"{kind}/{name}", spec["template"], {}))
+        elif kind == "RayCluster":
+            templates.append((f"RayCluster/{name} head", spec["headGroupSpec"]["template"],
+                              {"ray.io/cluster": name, "ray.io/node-type": "head"}))
+            for g in spec.get("workerGroupSpecs", []):
+                templates.append((f"RayCluster/{name} worker group {g['groupName']}", g["template"],
+                                  {"ray.io/cluster": name, "ray.io/node-type": "worker", "ray.io/group": g["groupName"]}))
+        elif kind == "RayJob" and "submitterPodTemplate" in spec:
+            templates.append((f"RayJob/{name} submitter", spec["submitterPodTemplate"], {}))
+        for where, template, added in templates:
+            labels = {**(template.get("metadata") or {}).get("labels", {}), **added}
+            ports = {p["name"]: p["containerPort"] for c in containers(template["spec"]) for p in c.get("ports", []) if "name" in p}
+            pods.append(make_pod(where, RELEASE_NAMESPACE, labels, ports, _role(kind, template["spec"])))
+    return pods
+
+
+def selector_matches(selector: dict | None, labels: dict) -> bool:
+    """A LabelSelector (matchLabels + matchExpressions); {} matches everything."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and key in labels and labels[key] in values) \
+                or (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def _namespace_labels(namespace: str) -> dict:
+    return {"kubernetes.io/metadata.name": namespace}
+
+
+def _peer_matches(peer: dict, pod: Pod, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return True  # pods have IPs inside any CIDR: count it as open to everyone
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], _namespace_labels(pod["namespace"])):
+            return False
+    elif pod["namespace"] != policy_namespace:
+        return False
+    return selector_matches(peer.get("podSelector"), pod["labels"])
+
+
+def _port_matches(ports: list[dict] | None, port: int, target: Pod) -> bool:
+    if not ports:
+        return True
+    for p in ports:
+        if p.get("protocol", "TCP") != "TCP":
+            continue
+        want = p.get("port")
+        if want is None:
+            return True
+        if isinstance(want, str):
+            want = target["ports"].get(want)
+        if want is not None and want <= port <= p.get("endPort", want):
+            return True
+    return False
+
+
+def _policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or (["Ingress", "Egress"] if "egress" in spec else ["Ingress"])
+
+
+def _direction_allows(policies: list[dict], direction: str, subject: Pod, peer: Pod, port: int) -> bool:
+    """Does ``subject``'s ``direction`` isolation (if any) let this connection through?"""
+    selecting = [p for p in policies if p["metadata"].get("namespace", RELEASE_NAMESPACE) == subject["namespace"]
+                 and direction.capitalize() in _policy_types(p) and selector_matches(p["spec"].get("podSelector"), subject["labels"])]
+    if not selecting:
+        return True
+    target = subject if direction == "ingress" else peer
+    for policy in selecting:
+        ns = policy["metadata"].get("namespace", RELEASE_NAMESPACE)
+        for rule in policy["spec"].get(direction) or []:
+            peers = rule.get("from" if direction == "ingress" else "to")
+            if (not peers or any(_peer_matches(x, peer, ns) for x in peers)) and _port_matches(rule.get("ports"), port, target):
+                return True
+    return False
+
+
+def connection_allowed(policies: list[dict], source: Pod, dest: Pod, port: int) -> bool:
+    """TCP from ``source`` to ``dest``:``port`` under these NetworkPolicies."""
+    return (_direction_allows(policies, "ingress", dest, source, port)
+            and _direction_allows(policies, "egress", source, dest, port))
+
+
+RAY_PEER_PORTS = (6379, 8265, 10001, 8076, 10002, 29500, 45678)  # GCS, Jobs API, client, object manager, a worker, DDP
+
+
+def network_flows(objs: list[dict]) -> tuple[list, list]:
+    """(must_allow, must_deny): (source, dest, port) triples for this release."""
+    pods = release_pods(objs)
+    by_role: dict[str, list[Pod]] = {}
+    for p in pods:
+        by_role.setdefault(p["role"], []).append(p)
+    ray, submitters = by_role.get("ray", []), by_role.get("ray-job-submitter", [])
+    mlflow, postgres = by_role.get("mlflow", []), by_role.get("postgres", [])
+    head = [p for p in ray if p["labels"].get("ray.io/node-type") == "head"]
+    operator = make_pod("the KubeRay operator", KUBERAY_OPERATOR_NAMESPACE, KUBERAY_OPERATOR_LABELS)
+    release_labels = (head or pods)[0]["labels"] if pods else {}
+    outsiders = [
+        make_pod("a pod of another app in the namespace", RELEASE_NAMESPACE, {"app.kubernetes.io/name": "other"}),
+        make_pod("a pod in another namespace wearing the Ray head's labels", "other", release_labels),
+        make_pod("a pod in the namespace wearing the operator's labels", RELEASE_NAMESPACE, KUBERAY_OPERATOR_LABELS),
+    ]
+    outside_server = make_pod("a server outside the release", "other", {"app.kubernetes.io/name": "other"})
+    allow, deny = [], []
+    for a in ray:
+        for b in ray:
+            allow += [(a, b, port) for port in RAY_PEER_PORTS]
+        allow += [(a, m, 5000) for m in mlflow]
+        deny += [(a, pg, 5432) for pg in postgres]
+    allow += [(s, h, 8265) for s in [*submitters, operator] for h in head]
+    deny += [(s, h, port) for s in [*submitters, operator] for h in head for port in (6379, 10001)]
+    deny += [(s, m, 5000) for s in [*submitters, operator] for m in mlflow]
+    allow += [(m, pg, 5432) for m in mlflow for pg in postgres]
+    deny += [(m, r, port) for m in mlflow for r in ray for port in (6379, 8265)]
+    deny += [(pg, dest, port) for pg in postgres for dest, port in [(outside_server, 443), *[(m, 5000) for m in mlflow]]]
+    for o in outsiders:
+        for dest in pods:
+            deny += [(o, dest, port) for port in sorted({*dest["ports"].values(), *RAY_PEER_PORTS, 5000, 5432})]
+    return allow, deny
+
+
+def check_network_policies(objs: list[dict]) -> list[str]:
+    """Only the release's own pods reach the Ray ports and MLflow; Postgres only from MLflow and it
+    opens no connection; everything the release needs still flows."""
+    policies = by_kind(objs, "NetworkPolicy")
+    allow, deny = network_flows(objs)
+    if not allow:
+        return ["no pods of the release found"]
+    problems = [f"{s['name']} cannot reach {d['name']}:{port}, which the release needs"
+                for s, d, port in allow if not connection_allowed(policies, s, d, port)]
+    problems += [f"{s['name']} reaches {d['name']}:{port}, which must be denied"
+                 for s, d, port in deny if connection_allowed(policies, s, d, port)]
+    return problems
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,14 @@ import logging
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import Config
-from pipeline.data.shards import ShardError, shard_paths
-from pipeline.data.stream import StreamError, TrainStream
+from pipeline.data.shards import (SCHEMA_VERSION, PairBlock, ShardError, read_blocks, shard_paths, write_manifest,
+                                  write_split)
+from pipeline.data.stream import StreamError, TrainStream, load_eval_pairs, load_eval_split, load_pairs
 from pipeline.train import preflight
 
 
@@ -115,3 +118,137 @@ def test_training_reports_skipped_samples(ray_cluster, damaged, tmp_path, tracki
     assert result.metrics["data/skipped_samples"] >= 1
     history = client.get_metric_history(run_id, "data/skipped_samples")
     assert history and history[0].value == result.metrics["data/skipped_samples"]
+
+
+# --- samples that differ from the manifest's schema (issue 15 #5) -------------------------------------
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _craft_shard(path, blocks):
+    """A shard written with tarfile + np.save (not the code under test): ``blocks`` are
+    (pairs, labels, ids) arrays of any dtype/shape."""
+    with tarfile.open(path, "w") as tar:
+        for b, arrays in enumerate(blocks):
+            for member, array in zip(("pairs.npy", "labels.npy", "ids.npy"), arrays):
+                data = _npy(array)
+                info = tarfile.TarInfo(f"{path.stem}-{b:05d}.{member}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _block(k, p, first_id, rng):
+    labels = (np.arange(k) % 2).astype(np.uint8)
+    a = np.arange(first_id, first_id + k, dtype=np.int64)
+    return rng.integers(0, 256, (k, 2, p, p), dtype=np.uint8), labels, np.stack([a, np.where(labels == 1, a, a + 10_000)], 1)
+
+
+@pytest.fixture
+def off_schema(tmp_path):
+    """4 train shards of 32x32 pairs (manifest patch_size 32), three replaced by shards whose
+    samples break the schema in one way each, checksums updated so only the reader sees it."""
+    rng = np.random.default_rng(0)
+    blocks = [PairBlock(*_block(16, 32, 16 * i, rng)) for i in range(8)]
+    manifest = {"schema_version": SCHEMA_VERSION, "source": "test", "patch_size": 32, "pairs_per_block": 16,
+                "generator": {}, "splits": {"train": write_split(tmp_path, "train", blocks, 2, progress=False)}}
+    write_manifest(tmp_path, manifest)
+    paths = [tmp_path / f"train-{i:06d}.tar" for i in range(4)]
+    big = [_block(16, 64, 1000 + 16 * b, rng) for b in range(2)]  # 64x64 among 32x32: was a broadcast error
+    labels = [list(_block(16, 32, 2000 + 16 * b, rng)) for b in range(2)]
+    for lab in labels:  # a label outside {0, 1} (ids kept equal iff the old label was 1)
+        lab[1] = lab[1] * 2
+    ids = [list(_block(16, 32, 3000 + 16 * b, rng)) for b in range(2)]
+    for i in ids:
+        i[2] = i[2].astype(np.int32)
+    for path, crafted in zip(paths[1:], (big, labels, ids)):
+        _craft_shard(path, crafted)
+        _rewrite_manifest_sha(tmp_path, path)
+    return tmp_path, paths
+
+
+def test_samples_off_the_manifest_schema_are_skipped_counted_and_named(off_schema, caplog):
+    shard_dir, paths = off_schema
+    good_ids = {int(i) for b in read_blocks(paths[0]) for i in b.ids[:, 0]}
+    stream = TrainStream([str(p) for p in paths], rank=0, world_size=1, epoch=0, batch_size=8,
+                         batches_per_epoch=12, shuffle_buffer=0, seed=0)  # 96 pairs: 3 passes over the good shard
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.stream"):
+        batches = list(stream)
+    assert len(batches) == 12 and all(tuple(b["pairs"].shape) == (8, 2, 32, 32) for b in batches)
+    assert {int(i) for b in batches for i in b["ids"][:, 0]} == good_ids  # nothing from the crafted shards
+    assert sum(b["skipped"] for b in batches) >= 6  # each crafted sample, once per pass
+    warnings = [r.getMessage() for r in caplog.records if "skipping bad data" in r.getMessage()]
+    assert {w.split()[5] for w in warnings} == {str(p) for p in paths[1:]}  # once per shard, by name
+    assert len(warnings) == 3
+    why = " ".join(warnings)
+    assert "pairs must be uint8 (K, 2, 32, 32), got uint8 (16, 2, 64, 64)" in why
+    assert "labels must be 0 or 1, got max 2" in why and "ids must be int64 (16, 2), got int32" in why
+
+
+def test_load_pairs_keeps_only_samples_that_fit_the_schema(off_schema):
+    shard_dir, paths = off_schema
+    pairs, labels, ids = load_pairs([str(p) for p in paths])
+    expected = list(read_blocks(paths[0]))
+    assert np.array_equal(pairs, np.concatenate([b.pairs for b in expected]))
+    assert np.array_equal(ids, np.concatenate([b.ids for b in expected]))
+    # without a manifest beside them the first readable sample sets the patch size: 64 here
+    big = shard_dir / "alone" / "train-000000.tar"
+    big.parent.mkdir()
+    shutil.copy(paths[1], big)
+    shutil.copy(paths[0], big.with_name("train-000001.tar"))
+    assert load_pairs([str(big), str(big.with_name("train-000001.tar"))])[0].shape == (32, 2, 64, 64)
+    assert load_pairs([str(p) for p in paths], patch_size=64)[0].shape == (32, 2, 64, 64)
+
+
+# --- eval shards: verified wherever read; a short set is an error ----------------------------------------
+
+@pytest.fixture
+def eval_copy(synthetic_shards, tmp_path):
+    shard_dir = tmp_path / "eval-copy"
+    shutil.copytree(synthetic_shards, shard_dir)
+    return shard_dir, [shard_dir / p.split("/")[-1] for p in shard_paths(shard_dir, "eval")]
+
+
+def _flip_byte(path, at=5000):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_eval_shards_are_checksum_verified_where_they_are_read(eval_copy, capsys, caplog):
+    shard_dir, evals = eval_copy
+    clean = load_eval_pairs(shard_dir)
+    assert len(clean[1]) == 1024
+    _flip_byte(evals[3])
+    per_shard = 256
+    # only the shards the cap reaches are read (and hashed): the first three are intact
+    assert np.array_equal(load_eval_pairs(shard_dir, 3 * per_shard)[0], clean[0][: 3 * per_shard])
+    with pytest.raises(ShardError, match=r"eval-000003\.tar: sha256 [0-9a-f]{64} does not match the manifest's"):
+        load_eval_pairs(shard_dir)
+    cfg = _cfg(shard_dir, on_bad_checksum="skip")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shards"):
+        pairs, labels, _ = load_eval_split(cfg.data)  # the call of training's rank 0, registration and sweep
+    assert np.array_equal(pairs, clean[0][: 3 * per_shard]) and "eval-000003.tar" in caplog.text
+    # `patchflow promote --shards DIR` reads the eval split before it asks MLflow anything
+    assert main(["promote", "--model", "patchflow-hardnet", "--shards", str(shard_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("patchflow: error: ") and "eval-000003.tar: sha256" in err and len(err.splitlines()) == 1
+
+
+def test_a_short_eval_set_is_an_error_naming_the_shard_unless_skipped(eval_copy, caplog):
+    shard_dir, evals = eval_copy
+    data = evals[1].read_bytes()
+    evals[1].write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member ...
+    _rewrite_manifest_sha(shard_dir, evals[1])  # ... and checksummed: only the reader can tell
+    with pytest.raises(ShardError, match=r"short eval set: \S+/eval-000001\.tar gave \d+ of 256 pairs \(\d+ of 1024 pairs asked\)"):
+        load_eval_pairs(shard_dir)
+    with pytest.raises(ShardError, match=r"eval-000001\.tar gave \d+ of 256 pairs \(\d+ of 300 pairs asked\).*on_short_eval: skip"):
+        load_eval_split(_cfg(shard_dir, eval_pairs=300).data)
+    first = list(read_blocks(evals[0]))
+    assert len(load_eval_pairs(shard_dir, 256)[1]) == 256  # the cap stops before the truncated shard
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.stream"):
+        pairs, labels, ids = load_eval_split(_cfg(shard_dir, on_short_eval="skip").data)
+    assert 3 * 256 <= len(labels) < 1024 and "short eval set" in caplog.text
+    assert np.array_equal(ids[:256], np.concatenate([b.ids for b in first]))

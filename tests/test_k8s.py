@@ -5,8 +5,15 @@ validate. Offline: no cluster, no network (see tests/k8s_render.py)."""
 
 from __future__ import annotations
 
+import configparser
+import copy
 import json
+import os
 import re
+import subprocess
+import sys
+import time
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -67,7 +74,22 @@ def test_every_image_is_the_pushed_one(objs):
     assert images
     for image in images:
         assert image != "patchflow" and not image.startswith("patchflow:"), f"unmapped image {image!r}"
-        assert ":" in image.rsplit("/", 1)[-1], f"{image}: pin a tag"
+    assert {kr.image_repository(i) for i in images} == {"patchflow", "postgres"}
+
+
+def test_every_image_is_pinned_by_digest(objs, overlay):
+    """k8s/README.md, "Images": the overlays pin each image by digest (the release step writes
+    the real ones over the placeholders with `kustomize edit set image`)."""
+    assert not kr.check_image_digests(objs), "\n".join(kr.check_image_digests(objs))
+    k = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+    for entry in k["images"]:
+        assert "newTag" not in entry and re.fullmatch(r"sha256:[0-9a-f]{64}", entry["digest"]), entry
+    deployment = kr.one(objs, "Deployment", "mlflow")
+    for image in ("postgres:17", "registry.example.com/patchflow:0.1.0", "patchflow"):
+        bad = kr.corrupt(deployment, ["spec", "template", "spec", "containers", 0, "image"], image)
+        assert kr.check_image_digests([bad]), image
+    short = kr.corrupt(deployment, ["spec", "template", "spec", "containers", 0, "image"], "postgres@sha256:abc")
+    assert kr.check_image_digests([short])
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -192,7 +214,7 @@ def test_ray_token_auth_is_on_with_the_token_from_a_secret(objs):
         (kr.check_non_root, ["spec", "template", "spec", "containers", 0, "securityContext", "runAsUser"], {"value": 0}),
         (kr.check_non_root, ["spec", "template", "spec", "containers", 0, "securityContext", "allowPrivilegeEscalation"], {"delete": True}),
         (kr.check_no_literal_secrets, ["spec", "template", "spec", "containers", 0, "env", 1], {"value": {"name": "POSTGRES_PASSWORD", "value": "hunter2"}}),
-        (kr.check_no_literal_secrets, ["spec", "template", "spec", "containers", 0, "args", 3], {"value": "--backend-store-uri=postgresql://mlflow:hunter2@postgres:5432/mlflow"}),
+        (kr.check_no_literal_secrets, ["spec", "template", "spec", "containers", 0, "args", 4], {"value": "--backend-store-uri=postgresql://mlflow:hunter2@postgres:5432/mlflow"}),
     ],
 )
 def test_policy_checks_catch_violations(rendered, check, path, change):
@@ -226,6 +248,341 @@ def test_secret_example_is_not_part_of_any_kustomization():
         assert doc["kind"] == "Secret"
         for value in doc.get("stringData", {}).values():
             assert value in ("mlflow",) or value.startswith("REPLACE"), "placeholders only"
+
+
+# ------------------------------------------------------------------------- hardening (issue 15)
+
+
+POD = ["spec", "template", "spec"]
+HEAD_POD = ["spec", "headGroupSpec", "template", "spec"]
+
+
+def test_every_container_has_a_read_only_root_and_writable_scratch(objs):
+    assert not kr.check_read_only_root(objs), "\n".join(kr.check_read_only_root(objs))
+    n = sum(1 for o in objs for _ in kr.all_containers(o))
+    assert n >= 7  # head, workers, submitter + its init container, mlflow + its init container, postgres
+
+
+def test_every_container_runs_under_a_seccomp_profile(objs):
+    assert not kr.check_seccomp(objs), "\n".join(kr.check_seccomp(objs))
+
+
+@pytest.mark.parametrize(
+    "kind, name, path, change",
+    [
+        ("Deployment", "mlflow", POD + ["containers", 0, "securityContext", "readOnlyRootFilesystem"], {"value": False}),
+        ("Deployment", "mlflow", POD + ["initContainers", 0, "securityContext", "readOnlyRootFilesystem"], {"delete": True}),
+        ("Deployment", "mlflow", POD + ["containers", 0, "volumeMounts", 0], {"delete": True}),            # no /tmp
+        ("Deployment", "mlflow", POD + ["volumes", 0], {"value": {"name": "tmp", "configMap": {"name": "x"}}}),
+        ("Deployment", "mlflow", POD + ["volumes", 0, "emptyDir", "sizeLimit"], {"delete": True}),
+        ("StatefulSet", "postgres", POD + ["containers", 0, "volumeMounts", 1], {"delete": True}),         # no socket folder
+        ("StatefulSet", "postgres", POD + ["containers", 0, "volumeMounts", 0, "readOnly"], {"value": True}),  # PGDATA
+        ("RayCluster", None, HEAD_POD + ["containers", 0, "volumeMounts", 3], {"delete": True}),            # no $HOME
+        ("RayJob", None, ["spec", "submitterPodTemplate", "spec", "initContainers", 0, "securityContext", "readOnlyRootFilesystem"], {"value": False}),
+    ],
+)
+def test_read_only_root_check_catches(rendered, kind, name, path, change):
+    obj = kr.one(rendered["dev"], kind, name)
+    assert not kr.check_read_only_root([obj])
+    assert kr.check_read_only_root([kr.corrupt(obj, path, **change)])
+
+
+def test_read_only_root_check_covers_the_autoscaler(rendered):
+    cluster = kr.one(rendered["gpu"], "RayCluster")
+    for path, change in [(["spec", "autoscalerOptions", "securityContext", "readOnlyRootFilesystem"], {"delete": True}),
+                         (["spec", "autoscalerOptions", "volumeMounts"], {"delete": True})]:
+        assert kr.check_read_only_root([kr.corrupt(cluster, path, **change)]), path
+
+
+def test_seccomp_check_catches(rendered):
+    deployment = kr.one(rendered["dev"], "Deployment", "mlflow")
+    assert kr.check_seccomp([kr.corrupt(deployment, POD + ["securityContext", "seccompProfile"], delete=True)])
+    unconfined = kr.corrupt(deployment, POD + ["containers", 0, "securityContext", "seccompProfile"], {"type": "Unconfined"})
+    assert kr.check_seccomp([unconfined]), "a container's own profile overrides the pod's"
+    cluster = kr.one(rendered["gpu"], "RayCluster")
+    gpu = len(cluster["spec"]["workerGroupSpecs"]) - 1
+    assert kr.check_seccomp([kr.corrupt(cluster, ["spec", "workerGroupSpecs", gpu, "template", "spec", "securityContext", "seccompProfile"], delete=True)])
+
+
+def test_no_secret_reaches_a_command_line(objs):
+    problems = kr.check_secrets_not_on_command_lines(objs)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        # today's main before issue 15: the password expanded into mlflow's argv
+        (POD + ["containers", 0, "args", 4], "--backend-store-uri=postgresql://$(PGUSER):$(PGPASSWORD)@postgres:5432/$(PGDATABASE)?sslmode=verify-full"),
+        (POD + ["containers", 0, "args", 4], "--backend-store-uri=$(PGPASSWORD)"),
+        (POD + ["containers", 0, "command"], ["sh", "-c", "mlflow server --backend-store-uri postgresql://u:${PGPASSWORD}@postgres/db"]),
+        (POD + ["containers", 0, "readinessProbe"], {"exec": {"command": ["sh", "-c", "PGPASSWORD=$MLFLOW_AUTH_ADMIN_PASSWORD pg_isready"]}}),
+        (POD + ["containers", 0, "args", 1], "--token=$(AWS_SECRET_ACCESS_KEY)"),
+    ],
+)
+def test_command_line_check_catches(rendered, path, value):
+    deployment = kr.one(rendered["dev"], "Deployment", "mlflow")
+    assert not kr.check_secrets_not_on_command_lines([deployment])
+    assert kr.check_secrets_not_on_command_lines([kr.corrupt(deployment, path, value)])
+
+
+def test_postgres_requires_tls(objs):
+    problems = kr.check_postgres_tls(objs)
+    assert not problems, "\n".join(problems)
+    uris = [uri for _, uri in kr.postgres_uris(objs)]
+    assert len(uris) >= 2, "the server's --backend-store-uri and basic_auth.ini's database_uri"
+    assert all(parse_qs(urlsplit(u).query)["sslmode"] == ["verify-full"] for u in uris)
+    postgres = kr.one(objs, "StatefulSet", "postgres")
+    settings = kr.postgres_settings(postgres["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert settings["ssl"] == "on" and settings["password_encryption"] == "scram-sha-256"
+
+
+@pytest.mark.parametrize(
+    "kind, name, path, change",
+    [
+        ("Deployment", "mlflow", POD + ["containers", 0, "args", 4], {"value": "--backend-store-uri=postgresql://postgres:5432/"}),
+        ("Deployment", "mlflow", POD + ["containers", 0, "args", 4], {"value": "--backend-store-uri=postgresql://postgres:5432/?sslmode=prefer"}),
+        ("ConfigMap", "patchflow-mlflow-auth", ["data", "basic_auth.ini"], {"value": "[mlflow]\ndatabase_uri = postgresql://postgres:5432/mlflow\n"}),
+        ("StatefulSet", "postgres", POD + ["containers", 0, "args", 1], {"value": "ssl=off"}),
+        ("StatefulSet", "postgres", POD + ["containers", 0, "args", 3], {"value": "ssl_cert_file=/var/lib/postgresql/data/server.crt"}),
+        ("StatefulSet", "postgres", POD + ["containers", 0, "args"], {"value": ["-c", "ssl=on"]}),
+        ("ConfigMap", "patchflow-postgres-hba", ["data", "pg_hba.conf"], {"value": "local all all trust\nhost all all all scram-sha-256\n"}),
+        ("ConfigMap", "patchflow-postgres-hba", ["data", "pg_hba.conf"], {"value": "hostssl all all all scram-sha-256\nhostnossl all all 10.0.0.0/8 md5\n"}),
+    ],
+)
+def test_postgres_tls_check_catches(rendered, kind, name, path, change):
+    objs = rendered["dev"]
+    target = kr.one(objs, kind, name)
+    mutated = [kr.corrupt(o, path, **change) if o is target else o for o in objs]
+    assert not kr.check_postgres_tls(objs)
+    assert kr.check_postgres_tls(mutated)
+
+
+def test_mlflow_requires_sign_in_and_the_ray_jobs_have_their_own_account(objs):
+    problems = kr.check_mlflow_auth(objs)
+    assert not problems, "\n".join(problems)
+    server = kr.one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    admin_secret = kr.env_of(server)["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
+    cluster = kr.one(objs, "RayCluster")
+    as_admin = copy.deepcopy(cluster)
+    for where, c in kr.ray_pod_containers(as_admin):
+        ref = kr.env_of(c)["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] != admin_secret, where
+        ref.update(name=admin_secret, key="MLFLOW_AUTH_ADMIN_PASSWORD")
+    problems = kr.check_mlflow_auth([as_admin if o is cluster else o for o in objs])
+    assert any("admin's password" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    "kind, name, path, change",
+    [
+        ("Deployment", "mlflow", POD + ["containers", 0, "args", 0], {"value": "--host=0.0.0.0"}),        # no basic-auth app
+        ("Deployment", "mlflow", POD + ["containers", 0, "args", 0], {"value": "--app-name=other"}),
+        ("Deployment", "mlflow", POD + ["containers", 0, "env", 2], {"value": {"name": "MLFLOW_AUTH_ADMIN_PASSWORD", "value": "x" * 16}}),
+        ("Deployment", "mlflow", POD + ["initContainers"], {"delete": True}),                              # nobody creates the jobs' account
+        ("Deployment", "mlflow", POD + ["containers", 0, "env", 0, "value"], {"value": "/etc/basic_auth.ini"}),
+        ("ConfigMap", "patchflow-mlflow-auth", ["data", "basic_auth.ini"], {"value": "[mlflow]\nadmin_password = something-long\n"}),
+        ("RayCluster", None, HEAD_POD + ["containers", 0, "env", 4], {"delete": True}),                   # head without the password
+        ("RayCluster", None, ["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "env", 4, "valueFrom", "secretKeyRef"],
+         {"value": {"name": "patchflow-mlflow-admin", "key": "MLFLOW_AUTH_ADMIN_PASSWORD"}}),            # a worker signs in as admin
+    ],
+)
+def test_mlflow_auth_check_catches(rendered, kind, name, path, change):
+    objs = rendered["dev"]
+    target = kr.one(objs, kind, name)
+    mutated = [kr.corrupt(o, path, **change) if o is target else o for o in objs]
+    assert not kr.check_mlflow_auth(objs)
+    assert kr.check_mlflow_auth(mutated), (path, change)
+
+
+def test_the_mlflow_pod_of_the_manifests_signs_in_every_client(rendered, tmp_path, monkeypatch):
+    """The MLflow pod as the manifests define it, run here: its init container's command, then
+    its server's command, args and environment (from Secrets made up below and the rendered
+    ConfigMaps), with only Postgres swapped for SQLite, the bucket for a folder, and host, port and
+    workers for this machine. Without credentials a client gets 401; the Ray pods' environment
+    signs in as the jobs' account, which may log and register but is not an admin; the jobs'
+    Secret naming the admin is refused; a new password in the Secret takes over on the next start."""
+    import requests
+    from helpers import free_port
+    from mlflow.tracking import MlflowClient
+
+    objs = rendered["dev"]
+    pod = kr.one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    init, server = pod["initContainers"][0], pod["containers"][0]
+    config_maps = {o["metadata"]["name"]: o["data"] for o in kr.by_kind(objs, "ConfigMap")}
+    jobs, admin = ("patchflow-jobs", "jobs-password-0123"), ("root-admin", "admin-password-0123")
+    secrets = {
+        "patchflow-mlflow-admin": {"MLFLOW_AUTH_ADMIN_USERNAME": admin[0], "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-" * 8},
+        "patchflow-mlflow-client": {"MLFLOW_TRACKING_USERNAME": jobs[0], "MLFLOW_TRACKING_PASSWORD": jobs[1]},
+        "patchflow-postgres": {"POSTGRES_USER": "mlflow", "POSTGRES_PASSWORD": "pg-password", "POSTGRES_DB": "mlflow"},
+        "patchflow-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"},
+        "patchflow-ray-auth": {"auth_token": "ray-token"},
+    }
+    postgres_uri = next(a.split("=", 1)[1] for a in server["args"] if a.startswith("--backend-store-uri="))
+    sqlite_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ini = kr.mounted_config_file(server, pod, kr.container_env(server, config_maps, secrets)["MLFLOW_AUTH_CONFIG_PATH"], config_maps)
+    assert postgres_uri in ini
+    (tmp_path / "basic_auth.ini").write_text(ini.replace(postgres_uri, sqlite_uri))
+
+    def env_for(container: dict, secrets: dict) -> dict[str, str]:
+        env = kr.container_env(container, config_maps, secrets)
+        return {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini")}
+
+    def argv_for(container: dict, env: dict[str, str]) -> list[str]:
+        argv = [kr.expand_vars(a, env).replace(postgres_uri, sqlite_uri) for a in [*container["command"], *container.get("args", [])]]
+        return {"python": [sys.executable], "mlflow": [sys.executable, "-m", "mlflow"]}[argv[0]] + argv[1:]
+
+    def run_init(secrets: dict) -> subprocess.CompletedProcess:
+        env = env_for(init, secrets)
+        return subprocess.run(argv_for(init, env), env=env, capture_output=True, text=True, timeout=300)
+
+    done = run_init(secrets)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused = run_init({**secrets, "patchflow-mlflow-client": {"MLFLOW_TRACKING_USERNAME": admin[0], "MLFLOW_TRACKING_PASSWORD": "x" * 16}})
+    assert refused.returncode != 0 and "is the MLflow admin" in refused.stderr
+
+    port = free_port()
+    env = env_for(server, secrets)
+    here = {"--host=0.0.0.0": "--host=127.0.0.1", "--port=5000": f"--port={port}", "--workers=2": "--workers=1"}
+    argv = [here.get(a, a) for a in argv_for(server, env)]
+    argv = [f"--artifacts-destination={tmp_path / 'artifacts'}" if a.startswith("--artifacts-destination=") else a for a in argv]
+    assert "--app-name=basic-auth" in argv and set(here.values()) <= set(argv), argv
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"the MLflow server never answered /health:\n{log.read_text()[-3000:]}")
+        search = f"{url}/api/2.0/mlflow/experiments/search"
+        assert requests.get(search, params={"max_results": 1}, timeout=30).status_code == 401
+        assert requests.get(search, params={"max_results": 1}, auth=(jobs[0], "wrong-password-0"), timeout=30).status_code == 401
+
+        # the Ray head's environment, from the same Secrets: MLflow's client signs in with it
+        head = kr.one(objs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        ray_env = kr.container_env(head, config_maps, secrets)
+        for name in kr.MLFLOW_JOB_CREDENTIALS:
+            monkeypatch.setenv(name, ray_env[name])
+        client = MlflowClient(url)
+        run = client.create_run(client.create_experiment("k8s-auth"))
+        client.log_metric(run.info.run_id, "fpr95", 0.25)
+        client.create_registered_model("patchflow-k8s-auth")
+        assert client.get_run(run.info.run_id).data.metrics == {"fpr95": 0.25}
+
+        users = f"{url}/api/2.0/mlflow/users"
+        assert requests.post(f"{users}/create", json={"username": "intruder", "password": "p" * 16}, auth=jobs, timeout=30).status_code == 403
+        user = requests.get(f"{users}/get", params={"username": jobs[0]}, auth=admin, timeout=30)
+        assert user.status_code == 200 and user.json()["user"]["is_admin"] is False
+
+        rotated = {**secrets, "patchflow-mlflow-client": {"MLFLOW_TRACKING_USERNAME": jobs[0], "MLFLOW_TRACKING_PASSWORD": "rotated-password-0"}}
+        assert run_init(rotated).returncode == 0
+        assert requests.get(search, params={"max_results": 1}, auth=jobs, timeout=30).status_code == 401
+        assert requests.get(search, params={"max_results": 1}, auth=(jobs[0], "rotated-password-0"), timeout=30).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_network_policies_let_only_the_release_reach_ray_and_mlflow(objs):
+    problems = kr.check_network_policies(objs)
+    assert not problems, "\n".join(problems)
+    allow, deny = kr.network_flows(objs)
+    roles = {p["role"] for p in kr.release_pods(objs)}
+    assert roles == {"ray", "ray-job-submitter", "mlflow", "postgres"}, "every release pod has a role label"
+    assert any(d["role"] == "postgres" and s["role"] == "mlflow" for s, d, _ in allow)
+    assert any(s["namespace"] != kr.RELEASE_NAMESPACE and d["role"] == "ray" for s, d, _ in deny)
+
+
+@pytest.mark.parametrize(
+    "policy, path, change, expected",
+    [
+        # the default deny gone: the submitter pod is open to anyone
+        ("patchflow-default-deny-ingress", ["spec", "podSelector"], {"value": {"matchLabels": {"app.kubernetes.io/part-of": "nobody"}}}, "submitter"),
+        # Ray's peers taken from every namespace: a foreign pod wearing the labels gets in
+        ("patchflow-ray", ["spec", "ingress", 0, "from", 0, "namespaceSelector"], {"value": {}}, "another namespace"),
+        # Ray open to everyone
+        ("patchflow-ray", ["spec", "ingress", 0, "from"], {"delete": True}, "another app"),
+        # the operator's namespace selector dropped: any pod labelled like the operator gets in
+        ("patchflow-ray", ["spec", "ingress", 1, "from", 1, "namespaceSelector"], {"delete": True}, "operator's labels"),
+        # the submitter allowed every port of the head
+        ("patchflow-ray", ["spec", "ingress", 1, "ports"], {"delete": True}, "submitter"),
+        # MLflow open to every pod of the namespace
+        ("patchflow-mlflow", ["spec", "ingress", 0, "from", 0, "podSelector"], {"value": {}}, "mlflow"),
+        # MLflow's rule opens the wrong port: the default deny blocks the Ray pods
+        ("patchflow-mlflow", ["spec", "ingress", 0, "ports", 0, "port"], {"value": 5001}, "cannot reach"),
+        # Postgres reachable by the Ray pods
+        ("patchflow-postgres", ["spec", "ingress", 0, "from", 0, "podSelector", "matchLabels", "app.kubernetes.io/component"], {"value": "ray"}, "postgres"),
+        # Postgres may call out
+        ("patchflow-postgres", ["spec", "policyTypes"], {"value": ["Ingress"]}, "outside the release"),
+    ],
+)
+def test_network_policy_check_catches(rendered, policy, path, change, expected):
+    objs = rendered["gpu"]
+    target = kr.one(objs, "NetworkPolicy", policy)
+    mutated = [kr.corrupt(o, path, **change) if o is target else o for o in objs]
+    problems = kr.check_network_policies(mutated)
+    assert problems, (policy, path, change)
+    assert any(expected in p for p in problems), problems
+
+
+def test_network_policy_check_catches_a_worker_group_without_the_role_label(rendered):
+    objs = rendered["gpu"]
+    cluster = kr.one(objs, "RayCluster")
+    gpu = len(cluster["spec"]["workerGroupSpecs"]) - 1
+    path = ["spec", "workerGroupSpecs", gpu, "template", "metadata", "labels", "app.kubernetes.io/component"]
+    mutated = [kr.corrupt(o, path, delete=True) if o is cluster else o for o in objs]
+    assert any("worker group gpu" in p and "cannot reach" in p for p in kr.check_network_policies(mutated))
+
+
+def test_network_policy_evaluator_follows_the_kubernetes_semantics():
+    """The evaluator against the cases of the Kubernetes NetworkPolicy documentation: a peer with
+    both selectors is an AND, two peers are an OR; no policy means open; an empty rule list
+    isolates; a named port resolves on the destination; egress isolation is separate."""
+    ns = kr.RELEASE_NAMESPACE
+    db = kr.make_pod("db", ns, {"role": "db"}, {"pg": 5432})
+    frontend = kr.make_pod("frontend", ns, {"role": "frontend"})
+    elsewhere = kr.make_pod("frontend elsewhere", "prod", {"role": "frontend"})
+
+    def policy(ingress=None, egress=None, types=None, selector=None):
+        spec = {"podSelector": selector if selector is not None else {"matchLabels": {"role": "db"}}}
+        if ingress is not None:
+            spec["ingress"] = ingress
+        if egress is not None:
+            spec["egress"] = egress
+        if types:
+            spec["policyTypes"] = types
+        return {"kind": "NetworkPolicy", "metadata": {"name": "p"}, "spec": spec}
+
+    allowed = kr.connection_allowed
+    assert allowed([], elsewhere, db, 5432)
+    assert not allowed([policy(types=["Ingress"])], frontend, db, 5432)
+    same_ns_only = policy([{"from": [{"podSelector": {"matchLabels": {"role": "frontend"}}}]}])
+    assert allowed([same_ns_only], frontend, db, 5432) and not allowed([same_ns_only], elsewhere, db, 5432)
+    and_peer = policy([{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prod"}},
+                                  "podSelector": {"matchLabels": {"role": "frontend"}}}]}])
+    or_peers = policy([{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prod"}}},
+                                 {"podSelector": {"matchLabels": {"role": "frontend"}}}]}])
+    other_in_prod = kr.make_pod("other in prod", "prod", {"role": "other"})
+    assert allowed([and_peer], elsewhere, db, 5432) and not allowed([and_peer], other_in_prod, db, 5432)
+    assert not allowed([and_peer], frontend, db, 5432)
+    assert allowed([or_peers], other_in_prod, db, 5432) and allowed([or_peers], frontend, db, 5432)
+    named = policy([{"ports": [{"port": "pg"}]}])
+    assert allowed([named], elsewhere, db, 5432) and not allowed([named], elsewhere, db, 5433)
+    ranged = policy([{"ports": [{"port": 32000, "endPort": 32768}]}])
+    assert allowed([ranged], frontend, db, 32768) and not allowed([ranged], frontend, db, 31999)
+    udp_only = policy([{"ports": [{"protocol": "UDP", "port": 5432}]}])
+    assert not allowed([udp_only], frontend, db, 5432)
+    expressions = policy([{"from": [{"podSelector": {"matchExpressions": [{"key": "role", "operator": "In", "values": ["frontend", "x"]}]}}]}])
+    assert allowed([expressions], frontend, db, 5432) and not allowed([expressions], db, db, 5432)
+    no_egress = policy(egress=[], types=["Egress"], selector={"matchLabels": {"role": "frontend"}})
+    assert not allowed([no_egress], frontend, db, 5432) and allowed([no_egress], db, frontend, 80)
 
 
 # ----------------------------------------------------------------------------------- the services
@@ -270,11 +627,20 @@ def test_mlflow_server_uses_postgres_and_s3_with_credentials_from_secrets(objs):
     deployment = kr.one(objs, "Deployment", "mlflow")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = dict(a.split("=", 1) for a in container["args"] if "=" in a)
-    assert args["--backend-store-uri"] == "postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@postgres:5432/$(POSTGRES_DB)"
+    # no credential in the URI: libpq reads PGUSER / PGPASSWORD / PGDATABASE from the environment
+    backend = urlsplit(args["--backend-store-uri"])
+    assert (backend.scheme, backend.hostname, backend.port, backend.username, backend.path) == ("postgresql+psycopg2", "postgres", 5432, None, "/")
+    # the driver by name: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the image lacks
+    assert re.search(r'"psycopg2-binary[<>=]', (K8S / "Dockerfile").read_text()), "the image installs the URI's driver"
+    assert parse_qs(backend.query)["sslmode"] == ["verify-full"]
     assert args["--artifacts-destination"].startswith("s3://")
     env = kr.env_of(container)
-    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    for name in ("PGUSER", "PGPASSWORD", "PGDATABASE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
+    # the auth tables live in the same database: basic_auth.ini names the same URI
+    ini = configparser.ConfigParser()
+    ini.read_string(kr.one(objs, "ConfigMap", "patchflow-mlflow-auth")["data"]["basic_auth.ini"])
+    assert ini["mlflow"]["database_uri"] == args["--backend-store-uri"]
     config_refs = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
     config = {k: v for name in config_refs for k, v in kr.one(objs, "ConfigMap", name)["data"].items()}
     assert config["MLFLOW_S3_ENDPOINT_URL"].startswith(("http://", "https://"))
@@ -284,8 +650,8 @@ def test_mlflow_server_uses_postgres_and_s3_with_credentials_from_secrets(objs):
     assert "mlflow:5000" in hosts, "MLflow 3 rejects the in-cluster Host header otherwise"
     postgres = kr.one(objs, "StatefulSet", "postgres")
     pg_env = kr.env_of(postgres["spec"]["template"]["spec"]["containers"][0])
-    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
-        assert pg_env[name]["valueFrom"]["secretKeyRef"] == env[name]["valueFrom"]["secretKeyRef"], name
+    for server_name, client_name in (("POSTGRES_USER", "PGUSER"), ("POSTGRES_PASSWORD", "PGPASSWORD"), ("POSTGRES_DB", "PGDATABASE")):
+        assert pg_env[server_name]["valueFrom"]["secretKeyRef"] == env[client_name]["valueFrom"]["secretKeyRef"], client_name
     assert "postgres" in {s["metadata"]["name"] for s in kr.by_kind(objs, "Service")}
 
 
@@ -420,3 +786,17 @@ def test_dockerfile_builds_a_cuda_non_root_image_with_the_repo_at_app():
     ignore = [line.strip() for line in (K8S / "Dockerfile.dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert ignore[0] == "*" and "!pipeline/" in ignore, "the build context leaves .venv / shards / runs out"
+
+
+def test_dockerfile_installs_what_the_basic_auth_server_needs():
+    """The MLflow pod runs `mlflow server --app-name basic-auth` from this image: every requirement
+    of MLflow's `auth` extra (from MLflow's own metadata) is installed."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    needed = [Requirement(r).name for r in requires("mlflow") or [] if 'extra == "auth"' in r]
+    assert needed, "MLflow's metadata lists no auth extra"
+    text = (K8S / "Dockerfile").read_text()
+    for name in needed:
+        assert re.search(rf'"{re.escape(name)}[<>=~!]', text, re.I), f"k8s/Dockerfile does not install {name}"

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"device", "metrics", "losses", "mcloss", "augment", "tracking", "hooks"},  # no pipeline imports
     {"models"},  # the registry (a leaf) and the architectures; the PCA head module
     {"pca", "data", "config"},  # fitting a PCA; shards and streams; typed configuration
-    {"objectives", "evaluate", "plots", "export", "cluster"},
+    {"objectives", "evaluate", "plots", "export", "cluster", "protocols", "keypoints"},
     {"checkpoint"},
     {"train"},
     {"tune"},

@@ -6,11 +6,13 @@ import functools
 import io
 
 import kornia.feature
+import numpy as np
 import pytest
 import torch
 
 from pipeline.losses import LOSSES, batch_loss
 from pipeline.models import ModelInfo, create_model, list_models, model_info, model_options, register_model
+from pipeline.models.opencv import EXTRA, OPENCV_MODELS, opencv_available
 from pipeline.pca import fit_pca
 
 KINDS = {"embedding", "pair_classifier"}
@@ -18,6 +20,8 @@ KINDS = {"embedding", "pair_classifier"}
 
 @functools.cache
 def _template(name: str) -> torch.nn.Module:
+    if name in OPENCV_MODELS and not opencv_available():
+        pytest.skip(f"{name} needs the [baselines] extra: {EXTRA}")
     torch.manual_seed(0)
     return create_model(name)
 
@@ -222,7 +226,7 @@ def _own_loss(name, model, a, p) -> torch.Tensor:
     return batch_loss(model_info(name).default_loss, fa, fp, margin=1.0, score=score, generator=torch.Generator().manual_seed(7))
 
 
-TRAINABLE = [n for n in list_models() if model_info(n).trainable]
+TRAINABLE = [n for n in list_models() if model_info(n).trainable]  # from the metadata: no model (or cv2) needed
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
@@ -270,6 +274,22 @@ def test_state_dict_round_trip(name):
         assert torch.equal(model(x), other(x))
 
 
+def test_a_foreign_module_is_evaluated_as_an_embedding_of_its_patches():
+    """kornia's HardNet carries no ModelInfo: evaluation takes it as an embedding of the patches at the
+    size they come in (no resizing), and its pair distances are L2 distances."""
+    from pipeline.evaluate import describe, pair_distances
+    from pipeline.models import info_of
+
+    foreign = KORNIA["hardnet"]().eval()
+    assert info_of(foreign) is None and info_of(fresh("hardnet")) == model_info("hardnet")
+    pairs = torch.randint(0, 256, (6, 2, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    with torch.no_grad():
+        want = foreign(torch.from_numpy(pairs[:, 0]).float().div(255).unsqueeze(1)).numpy()
+    np.testing.assert_allclose(describe(foreign, pairs[:, 0]), want, atol=1e-5)
+    d = pair_distances(foreign, pairs)
+    np.testing.assert_allclose(d, np.linalg.norm(describe(foreign, pairs[:, 0]) - describe(foreign, pairs[:, 1]), axis=1), atol=1e-5)
+
+
 def test_unknown_model_lists_the_registry():
     with pytest.raises(KeyError, match="hardnet"):
         create_model("nope")
@@ -285,6 +305,8 @@ DOMAINS = {"grid", "choice", "uniform", "loguniform"}
 def test_model_config_matches_the_code(name):
     import yaml
 
+    if name in OPENCV_MODELS:
+        pytest.skip("OpenCV baselines have no config: they are evaluated, never trained or swept")
     cfg = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     model_kwargs = dict(cfg["model"])
     assert model_kwargs.pop("arch") == name

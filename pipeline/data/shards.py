@@ -19,6 +19,7 @@ shards that are missing or differ, and ``manifest.json`` is always written last.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -30,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 import numpy as np
 import webdataset as wds
@@ -100,14 +102,6 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_replace(tmp: Path, final: Path) -> None:
     """Atomically publish ``tmp`` as ``final``: readers see the old file or the complete new one."""
     os.replace(tmp, final)
@@ -165,7 +159,7 @@ def _same_file(path: Path, data: bytes, digest: str) -> bool:
     try:
         if path.stat().st_size != len(data):
             return False
-        return _sha256(path) == digest
+        return shard_sha256(path) == digest
     except OSError:
         return False
 
@@ -184,17 +178,7 @@ PARTIAL_MANIFEST_NAME = "manifest.partial.json"
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _publish_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def load_partial_manifest(out_dir: str | os.PathLike) -> dict | None:
@@ -347,8 +331,23 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
     return path
 
 
+# --- reading shard folders: local paths or URLs -----------------------------------------------------
+# A manifest is data, not code: every shard name it lists must match SHARD_NAME, and a shard is
+# opened as a file object (a local file, or fsspec for a URL), never handed to a shell or to an
+# external program (webdataset's `pipe:` and curl openers are not used).
+
+SHARD_NAME = re.compile(r"^(train|eval)-\d{6}\.tar$")
+# The URL schemes shards may live under, and the optional package (and extra) fsspec needs for each.
+REMOTE_SCHEMES: dict[str, tuple[str, str] | None] = {
+    "http": None, "https": None, "s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+
+
+class ManifestNotFound(ShardError):
+    """There is no manifest.json at the location (any other failure to read one is a plain ShardError)."""
+
+
 def _manifest_path(shard_dir: str | os.PathLike) -> Path:
-    p = Path(shard_dir)
+    p = Path(_local(shard_dir))
     return p if p.name == MANIFEST_NAME and not p.is_dir() else p / MANIFEST_NAME
 
 
@@ -357,45 +356,95 @@ def is_remote(location: str | os.PathLike) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
+def _local(location: str | os.PathLike) -> str:
+    """A local path, from a path or a file:// URL."""
+    location = str(location)
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
 def _remote_manifest_url(location: str) -> str:
     location = str(location).rstrip("/")
     return location if location.endswith(MANIFEST_NAME) else f"{location}/{MANIFEST_NAME}"
 
 
-def open_remote(url: str):
-    """Open a remote file for reading through fsspec (http(s) built in; s3:// needs s3fs, gs:// gcsfs)."""
+def _manifest_location(shard_dir: str | os.PathLike) -> str:
+    return _remote_manifest_url(str(shard_dir)) if is_remote(shard_dir) else str(_manifest_path(shard_dir))
+
+
+def open_remote(url: str) -> BinaryIO:
+    """Open a remote file for reading through fsspec (http(s) built in; s3:// needs s3fs, gs:// gcsfs).
+
+    http(s) is read front to back in one request (``block_size=0``): a plain web server need not
+    support range requests, and shards, manifests and checksums are all read sequentially.
+    """
     import fsspec
 
-    return fsspec.open(url, "rb").open()
+    scheme = str(url).split("://", 1)[0].lower()
+    if scheme not in REMOTE_SCHEMES:
+        raise ShardError(f"{url}: unsupported URL scheme {scheme!r}, expected a local path or one of "
+                         f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    extra = REMOTE_SCHEMES[scheme]
+    if extra is not None and importlib.util.find_spec(extra[0]) is None:
+        raise ShardError(f"{url}: reading {scheme}:// needs the optional package {extra[0]}: "
+                         f"pip install 'patchflow[{extra[1]}]'")
+    options = {"block_size": 0} if scheme in ("http", "https") else {}
+    return fsspec.open(url, "rb", **options).open()
 
 
-def shard_sha256(location: str) -> str:
-    """sha256 of a local shard or of a remote one, streamed."""
+def check_shard_url(url: str) -> str:
+    """``url`` itself if its file name matches SHARD_NAME (``{train,eval}-NNNNNN.tar``), else ShardError."""
+    name = str(url).rsplit("/", 1)[-1]
+    if not SHARD_NAME.match(name):
+        raise ShardError(f"{url}: shard file name {name!r} does not match {SHARD_NAME.pattern} "
+                         f"(expected e.g. train-000000.tar)")
+    return str(url)
+
+
+def open_shard(url: str) -> BinaryIO:
+    """A binary file object for one shard: a local path, file:// or an http(s)/s3/gs URL; the
+    name is checked first, so a crafted name is refused before anything is opened."""
+    check_shard_url(url)
+    return open_remote(url) if is_remote(url) else open(_local(url), "rb")
+
+
+def shard_sha256(location: str | os.PathLike) -> str:
+    """sha256 of a local file or of a remote one, streamed (the one hashing loop of this module)."""
     h = hashlib.sha256()
-    with (open_remote(location) if is_remote(location) else open(location, "rb")) as f:
+    with open_remote(str(location)) if is_remote(location) else open(_local(location), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
+def _read_manifest(shard_dir: str | os.PathLike) -> tuple[str, bytes]:
+    """(where, raw bytes) of a shard folder's manifest.json, local or remote."""
+    where = _manifest_location(shard_dir)
+    try:
+        if is_remote(shard_dir):
+            with open_remote(where) as f:
+                return where, f.read()
+        return where, Path(where).read_bytes()
+    except FileNotFoundError as e:
+        if is_remote(shard_dir):
+            raise ManifestNotFound(f"{where}: manifest could not be fetched ({type(e).__name__}: {e})") from None
+        raise ManifestNotFound(f"{where}: manifest not found (expected a shard directory written by write_manifest)") from None
+    except ShardError:
+        raise
+    except Exception as e:
+        raise ShardError(f"{where}: manifest could not be fetched ({type(e).__name__}: {e})") from None
+
+
+def manifest_sha256(shard_dir: str | os.PathLike) -> str:
+    """sha256 of the manifest's bytes, local or remote (what a registered model records of its data)."""
+    return hashlib.sha256(_read_manifest(shard_dir)[1]).hexdigest()
+
+
 def load_manifest(shard_dir: str | os.PathLike) -> dict:
     """Read and check ``{shard_dir}/manifest.json`` (``shard_dir`` may also be the file itself, or a URL)."""
-    if is_remote(shard_dir):
-        path = _remote_manifest_url(str(shard_dir))
-        try:
-            with open_remote(path) as f:
-                text = f.read().decode("utf-8")
-        except Exception as e:
-            raise ShardError(f"{path}: manifest could not be fetched ({type(e).__name__}: {e})") from None
-    else:
-        path = _manifest_path(shard_dir)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ShardError(f"{path}: manifest not found (expected a shard directory written by write_manifest)") from None
+    path, data = _read_manifest(shard_dir)
     try:
-        m = json.loads(text)
-    except json.JSONDecodeError as e:
+        m = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(m, dict):
         raise ShardError(f"{path}: expected a JSON object, got {type(m).__name__}")
@@ -415,20 +464,34 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
             if missing:
                 raise ShardError(f"{path}: split {split!r} shard {i} is missing keys {missing}, "
                                  f"expected {list(_REQUIRED_SHARD)}")
+            # names become paths and URLs: nothing but the writer's own names is accepted
+            name = shard["name"]
+            if not (isinstance(name, str) and SHARD_NAME.match(name) and name.startswith(f"{split}-")):
+                raise ShardError(f"{path}: split {split!r} shard {i} has name {name!r}, expected "
+                                 f"'{split}-NNNNNN.tar' (six digits; pattern {SHARD_NAME.pattern})")
     return m
+
+
+def manifest_beside(url: str) -> dict | None:
+    """The manifest of the folder holding shard ``url`` (None when that folder has none)."""
+    folder = str(url).rsplit("/", 1)[0] if is_remote(url) else Path(_local(url)).parent
+    try:
+        return load_manifest(folder)
+    except ManifestNotFound:
+        return None
 
 
 def shard_paths(shard_dir: str | os.PathLike, split: str) -> list[str]:
     """Absolute paths (or URLs, for a remote shard folder) of ``split``'s shards in manifest
     order; local ones must exist."""
     m = load_manifest(shard_dir)
-    remote = is_remote(shard_dir)
-    path = _remote_manifest_url(str(shard_dir)) if remote else _manifest_path(shard_dir)
+    where = _manifest_location(shard_dir)
     entry = m["splits"].get(split)
     if not entry or not entry["shards"]:
-        raise ShardError(f"{path}: split {split!r} is absent or has no shards (present: {sorted(m['splits'])})")
-    if remote:
-        return [f"{str(path).rsplit('/', 1)[0]}/{shard['name']}" for shard in entry["shards"]]
+        raise ShardError(f"{where}: split {split!r} is absent or has no shards (present: {sorted(m['splits'])})")
+    if is_remote(shard_dir):
+        return [f"{where.rsplit('/', 1)[0]}/{shard['name']}" for shard in entry["shards"]]
+    path = Path(where)
     out = []
     for shard in entry["shards"]:
         p = (path.parent / shard["name"]).resolve()
@@ -438,16 +501,52 @@ def shard_paths(shard_dir: str | os.PathLike, split: str) -> list[str]:
     return out
 
 
+# --- checksums ----------------------------------------------------------------------------------------
+
+SKIP_HINT = " (set data.on_bad_checksum: skip to leave it out)"  # for the readers a config drives
+
+def iter_verified(paths: Iterable[str], expected: dict[str, str], *, on_bad: Literal["error", "skip"] = "error",
+                  hint: str = SKIP_HINT) -> Iterator[str]:
+    """Yield each of ``paths`` whose sha256 equals ``expected[its file name]`` (the manifest's).
+
+    A mismatch raises ShardError (its message ends with ``hint``), or with ``on_bad="skip"`` is
+    warned about and left out. Lazy: a caller that stops early does not hash the rest.
+    """
+    for path in paths:
+        name = str(path).rsplit("/", 1)[-1]
+        if name not in expected:
+            raise ShardError(f"{path}: not listed in the manifest (it lists {sorted(expected)[:3]}...)")
+        actual = shard_sha256(path)
+        if actual == expected[name]:
+            yield path
+            continue
+        problem = f"{path}: sha256 {actual} does not match the manifest's {expected[name]}"
+        if on_bad == "error":
+            raise ShardError(problem + hint)
+        logger.warning("%s: shard left out", problem)
+
+
+def checksums(manifest: dict, split: str) -> dict[str, str]:
+    """The manifest's sha256 of each of ``split``'s shards, by name."""
+    return {sh["name"]: sh["sha256"] for sh in manifest["splits"].get(split, {}).get("shards", [])}
+
+
+def verify_checksums(shard_dir: str | os.PathLike, split: str, paths: list[str] | None = None, *,
+                     on_bad: Literal["error", "skip"] = "error", hint: str = SKIP_HINT) -> list[str]:
+    """``paths`` (default: every shard of ``split``) whose sha256 matches the manifest, in order;
+    a mismatch raises or is left out (``on_bad``); none left raises."""
+    expected = checksums(load_manifest(shard_dir), split)
+    paths = shard_paths(shard_dir, split) if paths is None else paths
+    good = list(iter_verified(paths, expected, on_bad=on_bad, hint=hint))
+    if not good:
+        raise ShardError(f"{shard_dir}: no usable {split} shard left after checksum verification")
+    return good
+
+
 def verify_shards(shard_dir: str | os.PathLike, split: str | None = None) -> None:
     """Recompute every listed shard's sha256 (one split or all); raise on the first mismatch."""
-    m = load_manifest(shard_dir)
-    splits = [split] if split is not None else list(m["splits"])
-    for s in splits:
-        expected = {sh["name"]: sh["sha256"] for sh in m["splits"].get(s, {}).get("shards", [])}
-        for p in shard_paths(shard_dir, s):
-            actual = _sha256(Path(p))
-            if actual != expected[Path(p).name]:
-                raise ShardError(f"{p}: sha256 {actual} does not match manifest sha256 {expected[Path(p).name]}")
+    for s in [split] if split is not None else list(load_manifest(shard_dir)["splits"]):
+        verify_checksums(shard_dir, s, hint="")
 
 
 def read_blocks(path: str | os.PathLike) -> Iterator[PairBlock]:

@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Iterator
+import os
+from collections.abc import Iterable
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline.data.shards import (PairBlock, ShardError, check_shard_url, checksums, iter_verified, load_manifest,
+                                  manifest_beside, open_shard, shard_paths)
 
 
 log = logging.getLogger(__name__)
@@ -50,17 +56,44 @@ class SkipCounter:
 
 
 def shards_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
-    return [reader_url(u) for u in urls[rank::world_size]]
+    return urls[rank::world_size]
 
 
-def reader_url(url: str) -> str:
-    """What webdataset opens: local paths and http(s) (curl) as they are; object stores through
-    their CLIs streaming to stdout (webdataset's ``pipe:`` convention), so no SDK is needed."""
-    if url.startswith("s3://"):
-        return f"pipe:aws s3 cp --quiet {url} -"
-    if url.startswith("gs://"):
-        return f"pipe:gcloud storage cat {url}"
-    return url
+def _open_shards(src: Iterable[dict], handler) -> Iterator[dict]:
+    """webdataset's ``url_opener`` stage, opening through ``shards.open_shard`` (a file object:
+    local file or fsspec) instead of webdataset's ``gopen``, whose ``pipe:`` and curl openers run
+    external programs; each shard is closed once the tar reader is done with it."""
+    for sample in src:
+        url = sample["url"]
+        try:
+            stream = open_shard(url)
+        except Exception as exn:
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            break
+        try:
+            yield {**sample, "stream": stream}
+        finally:
+            stream.close()
+
+
+def tar_samples(src: Iterable[dict], handler) -> Iterator[dict]:
+    """``{"url": ...}`` items -> tar samples (webdataset's ``tarfile_to_samples`` over ``_open_shards``)."""
+    return group_by_keys(tar_file_expander(_open_shards(src, handler), handler=handler), handler=handler)
+
+
+def _name(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def _patch_size(urls: list[str], patch_size: int | None) -> int | None:
+    """The patch size samples must have: given, else the manifest's beside the shards (None when
+    there is none: the first readable sample then sets it)."""
+    if patch_size is not None or not urls:
+        return patch_size
+    manifest = manifest_beside(urls[0])
+    return None if manifest is None else int(manifest["patch_size"])
 
 
 def check_shard_count(n_shards: int, world_size: int, loader_workers: int, split: str = "train") -> None:
@@ -110,34 +143,37 @@ def _npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=10 + header_len).reshape(shape)
 
 
-def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _decode(sample: dict, patch_size: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pairs, labels, ids = _npy(sample["pairs.npy"]), _npy(sample["labels.npy"]), _npy(sample["ids.npy"])
-    k = len(pairs)
-    if pairs.dtype != np.uint8 or pairs.ndim != 4 or pairs.shape[1] != 2 or labels.shape != (k,) or ids.shape != (k, 2):
-        raise ValueError(
-            f"sample {sample.get('__key__')!r}: expected pairs uint8 (K,2,P,P), labels (K,), ids (K,2), "
-            f"got {pairs.dtype} {pairs.shape}, {labels.shape}, {ids.shape}"
-        )
+    if patch_size is None:
+        patch_size = int(pairs.shape[-1]) if pairs.ndim == 4 else -1
+    # The manifest's schema (shards.PairBlock): uint8 (K,2,P,P) pairs of its patch size, uint8 labels
+    # in {0,1}, int64 ids equal iff positive. A block that differs would break the batch (another P)
+    # or the loss (another label or id meaning) far from here.
+    PairBlock(pairs, labels, ids).validate(patch_size, where=f"{sample.get('__url__', '?')} sample {sample.get('__key__')!r}")
     return pairs, labels, ids
 
 
 def decode_blocks(
-    samples: Iterator[dict], on_error: SkipCounter | None = None, progress: dict | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Tar samples -> (pairs uint8 (K,2,P,P), labels uint8 (K,), ids int64 (K,2)) blocks;
-    an undecodable sample goes to ``on_error`` (skipped) or raises when there is none."""
+    samples: Iterator[dict], on_error: SkipCounter | None = None, progress: dict | None = None,
+    patch_size: int | None = None, with_url: bool = False,
+) -> Iterator[tuple]:
+    """Tar samples -> (pairs uint8 (K,2,P,P), labels uint8 (K,), ids int64 (K,2)) blocks (with the
+    shard's url first when ``with_url``). A sample that is undecodable or differs from the schema
+    (``patch_size``; None: the first good sample's) goes to ``on_error`` (skipped) or raises."""
     for sample in samples:
         try:
-            block = _decode(sample)
+            block = _decode(sample, patch_size)
         except Exception as exn:
             if on_error is None:
                 raise
             exn.args = exn.args + (str(sample.get("__url__", "?")),)
             on_error(exn)
             continue
+        patch_size = int(block[0].shape[-1])
         if progress is not None:
             progress["blocks"] += 1
-        yield block
+        yield (sample.get("__url__"), *block) if with_url else block
 
 
 def _shuffled_batches(
@@ -194,10 +230,13 @@ class TrainStream(IterableDataset):
         batches_per_epoch: int,
         shuffle_buffer: int = 4096,
         seed: int = 0,
+        patch_size: int | None = None,
     ) -> None:
-        self.rank_urls = shards_for_rank(urls, rank, world_size)
+        # every name is checked up front: a crafted one is refused before any shard is opened
+        self.rank_urls = shards_for_rank([check_shard_url(u) for u in urls], rank, world_size)
         if not self.rank_urls:
             raise StreamError(f"rank {rank} of {world_size} got no train shards (only {len(urls)} exist)")
+        self.patch_size = _patch_size(urls, patch_size)
         self.rank, self.epoch, self.seed = rank, epoch, seed
         self.batch_size, self.batches_per_epoch, self.shuffle_buffer = batch_size, batches_per_epoch, shuffle_buffer
 
@@ -210,8 +249,8 @@ class TrainStream(IterableDataset):
         pipeline = wds.DataPipeline(
             _ShardCycle(self.rank_urls, seed, progress),
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=skips),
-            lambda samples: decode_blocks(samples, skips, progress),
+            lambda src: tar_samples(src, skips),
+            lambda samples: decode_blocks(samples, skips, progress, self.patch_size),
             lambda blocks: _shuffled_batches(blocks, self.batch_size, self.shuffle_buffer, np.random.default_rng(seed), skips),
         )
         for i, batch in enumerate(pipeline):
@@ -227,21 +266,87 @@ def train_loader(urls: list[str], *, loader_workers: int = 0, **stream_kwargs) -
     return DataLoader(stream, batch_size=None, num_workers=loader_workers, pin_memory=torch.cuda.is_available())
 
 
-def load_pairs(urls: list[str], limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read a whole (eval) split in shard order: pairs uint8 (N,2,P,P), labels (N,), ids (N,2)."""
-    skips = SkipCounter()
+def _read(urls: list[str], limit: int | None, patch_size: int | None
+          ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, int]]:
+    """The pairs of ``urls`` in shard order (the first ``limit``), and how many each shard gave."""
+    urls = [check_shard_url(u) for u in urls]  # a crafted name is refused before any shard is opened
+    skips, expected = SkipCounter(), _patch_size(urls, patch_size)
     dataset = wds.DataPipeline(
-        wds.SimpleShardList([reader_url(u) for u in urls]),
-        wds.tarfile_to_samples(handler=skips),
-        lambda samples: decode_blocks(samples, skips),
+        wds.SimpleShardList(urls),
+        lambda src: tar_samples(src, skips),
+        lambda samples: decode_blocks(samples, skips, patch_size=expected, with_url=True),
     )
     pairs, labels, ids, n = [], [], [], 0
-    for p, l, i in dataset:
+    per_shard = dict.fromkeys(urls, 0)
+    for url, p, l, i in dataset:
         pairs.append(p), labels.append(l), ids.append(i)
+        per_shard[url] += len(p)
         n += len(p)
         if limit is not None and n >= limit:
             break
     if not pairs:
         raise StreamError(f"no pairs could be read from {len(urls)} shard(s), first: {urls[:1]}")
     out = np.concatenate(pairs), np.concatenate(labels), np.concatenate(ids)
+    return (tuple(a[:limit] for a in out) if limit is not None else out), per_shard
+
+
+def load_pairs(urls: list[str], limit: int | None = None, *, patch_size: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a whole (eval) split in shard order: pairs uint8 (N,2,P,P), labels (N,), ids (N,2).
+
+    Samples that differ from the schema (``patch_size``; default the manifest's beside the shards)
+    or cannot be decoded are skipped and warned about once per shard."""
+    return _read(urls, limit, patch_size)[0]
+
+
+def load_eval_pairs(
+    shards: str | os.PathLike,
+    limit: int | None = None,
+    *,
+    urls: list[str] | None = None,
+    verify: bool = True,
+    on_bad_checksum: Literal["error", "skip"] = "error",
+    on_short: Literal["error", "skip"] = "error",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``limit`` (None: all) eval pairs of the shard folder ``shards`` (or of ``urls``,
+    its eval shards already chosen, e.g. by ``train.preflight``), as ``load_pairs`` returns them.
+
+    Every shard read is checksum-verified first (``verify``; a mismatch raises or, with
+    ``on_bad_checksum="skip"``, leaves the shard out), and only the shards the cap reaches are read.
+    A shard that gives fewer pairs than its manifest entry (truncated, or samples that had to be
+    skipped) makes the eval set short: a ShardError naming it, or with ``on_short="skip"`` a
+    warning and the pairs that could be read.
+    """
+    manifest = load_manifest(shards)
+    urls = shard_paths(shards, "eval") if urls is None else list(urls)
+    listed = {s["name"]: int(s["pairs"]) for s in manifest["splits"].get("eval", {}).get("shards", [])}
+    for u in urls:
+        if _name(check_shard_url(u)) not in listed:
+            raise ShardError(f"{u}: not an eval shard listed in {shards}'s manifest")
+    chosen, asked = [], 0
+    good = iter_verified(urls, checksums(manifest, "eval"), on_bad=on_bad_checksum) if verify else iter(urls)
+    for u in good:
+        chosen.append(u)
+        asked += listed[_name(u)]
+        if limit is not None and asked >= limit:
+            break
+    if not chosen:
+        raise ShardError(f"{shards}: no usable eval shard left after checksum verification")
+    # every chosen shard is read to its end (then cut to the cap) so each one's count is exact
+    out, per_shard = _read(chosen, None, int(manifest["patch_size"]))
+    asked = asked if limit is None else min(limit, asked)
+    short = [f"{u} gave {n} of {listed[_name(u)]} pairs" for u, n in per_shard.items() if n < listed[_name(u)]]
+    if short:
+        problem = (f"{shards}: short eval set: " + "; ".join(short)
+                   + f" ({min(len(out[1]), asked)} of {asked} pairs asked)")
+        if on_short == "error":
+            raise ShardError(problem + " (set data.on_short_eval: skip to evaluate on the pairs that could be read)")
+        log.warning("%s; evaluating on the pairs that could be read", problem)
     return tuple(a[:limit] for a in out) if limit is not None else out
+
+
+def load_eval_split(data, urls: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``load_eval_pairs`` as ``data`` (a ``config.DataConfig``) configures it: ``shards``,
+    ``eval_pairs``, ``verify_checksums``, ``on_bad_checksum``, ``on_short_eval``."""
+    return load_eval_pairs(data.shards, data.eval_pairs, urls=urls, verify=data.verify_checksums,
+                           on_bad_checksum=data.on_bad_checksum, on_short=data.on_short_eval)

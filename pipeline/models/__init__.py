@@ -13,6 +13,7 @@ from pipeline.models.registry import (
     check_patches,
     create_model,
     fit_input,
+    info_of,
     list_models,
     model_info,
     model_options,
@@ -21,6 +22,7 @@ from pipeline.models.registry import (
 
 # Importing the modules registers their architectures.
 from pipeline.models import hardnet, hardnet8, l2net, matchnet, siamese, sift, sosnet, tfeat  # noqa: E402,F401
+from pipeline.models import opencv  # noqa: E402,F401  (OpenCV's baselines; cv2 is imported only to create one)
 
-__all__ = ["DescriptorModel", "ModelInfo", "check_patches", "create_model", "fit_input", "list_models", "model_info",
-           "model_options", "register_model"]
+__all__ = ["DescriptorModel", "ModelInfo", "check_patches", "create_model", "fit_input", "info_of", "list_models",
+           "model_info", "model_options", "register_model"]

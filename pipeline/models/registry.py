@@ -133,6 +133,14 @@ def create_model(name: str, **options) -> nn.Module:
     return _lookup(name)(**options)
 
 
+def info_of(model: nn.Module) -> ModelInfo | None:
+    """The metadata a model carries (a registered one, or a head on one); None for a foreign module
+    such as ``kornia.feature.HardNet()``, which evaluation treats as an embedding of patches at the
+    size they come in. The one place that policy lives."""
+    info = getattr(model, "info", None)
+    return info if isinstance(info, ModelInfo) else None
+
+
 # ---- input conventions shared by every model ---------------------------------------------------
 
 
