@@ -24,24 +24,17 @@ from pipeline.evaluate import METRIC, pair_distances, pca_dimension_curve, pca_f
 from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
 from pipeline.models.sift import SIFT
 from pipeline.pca import attach_pca, pca_head_dim
+from pipeline.protocols.common import SIFT_NAME, text_table
 from pipeline.registry import CHALLENGER, CHAMPION, Promotion, Registration, load_descriptor, promote, register_checkpoint
 from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
 from pipeline.tune import SweepResult, TrialOutcome, effect_of, find_sweep, new_sweep_id, run_sweep, start_parent_run
 
 Progress = Callable[[str], None]
-SIFT_ROW = "sift (kornia)"
+SIFT_ROW = SIFT_NAME  # the baseline's row, as in the protocols' tables
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
-
-
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    """Left-aligned columns, a rule under the header row."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def load_model(spec: str) -> torch.nn.Module:
@@ -231,7 +224,7 @@ def sweep(
         if "loss.mc_mu" in cfg.sweep.search_space:
             effect = [("MC-Loss mu", "best eval FPR95", "trials")]
             effect += [(f"{mu:g}" + (" (off)" if mu == 0 else ""), f"{fpr:.4f}", str(n)) for mu, fpr, n in effect_of(result.trials, "loss.mc_mu")]
-            progress(f"\n{arch}: effect of the MC-Loss diversity term\n{format_table(effect)}\n")
+            progress(f"\n{arch}: effect of the MC-Loss diversity term\n{text_table(effect)}\n")
         if register:
             model, report.pca_curve = _with_best_pca(cfg, report.best, shard_urls["train"], pairs, labels, client, parent_id, progress)
             reg = register_checkpoint(cfg, report.best.checkpoint_path, report.best.mlflow_run_id, sweep_id=sweep_id,
@@ -246,7 +239,7 @@ def sweep(
     sift_fpr, sift_ap = fpr_at_95_recall(sift_distances, labels), average_precision(sift_distances, labels)
     rows = [LEADERBOARD_HEADER, *(r.row() for r in reports),
             (SIFT_ROW, "untrained baseline", f"{sift_fpr:.4f}", f"{sift_ap:.4f}", "-", "-", "-")]
-    table = format_table(rows)
+    table = text_table(rows)
     if curves:
         _log_plots(client, parent_id, {**curves, "sift": sift_distances}, labels)
     client.log_text(parent_id, table + "\n", "leaderboard.txt")
@@ -281,7 +274,7 @@ class SequenceEvaluation:
     def table(self) -> str:
         rows = [("model", "FPR95", "95% interval", "AP")]
         rows += [(s.name, f"{s.fpr95:.4f}", f"[{s.fpr95_low:.4f}, {s.fpr95_high:.4f}]", f"{s.ap:.4f}") for s in self.scores]
-        return format_table(rows)
+        return text_table(rows)
 
 
 def evaluate_sequence(
@@ -372,4 +365,4 @@ def export_model(spec: str, fmt: str, out: str | Path) -> ExportOutcome:
 
 
 __all__ = ["ArchitectureReport", "ExportOutcome", "ModelScore", "SequenceEvaluation", "SweepReport", "TrainOutcome",
-           "evaluate_sequence", "export_model", "format_table", "load_model", "promote_registered", "sweep", "train"]
+           "evaluate_sequence", "export_model", "load_model", "promote_registered", "sweep", "train"]

@@ -20,14 +20,9 @@ from pipeline.evaluate import METRIC, pair_distances
 from pipeline.metrics import average_precision, fpr_at_95_recall
 from pipeline.models import create_model
 from pipeline.models.sift import SIFT
-from pipeline.workflow import SIFT_ROW, evaluate_sequence, format_table, sweep
+from pipeline.workflow import SIFT_ROW, evaluate_sequence, sweep
 
 GRAF = Path(__file__).resolve().parents[1] / "data" / "oxford_graf"
-
-
-def test_format_table():
-    assert format_table([("a", "long header"), ("wide cell", "x")]).splitlines() == [
-        "a          long header", "---------  -----------", "wide cell  x"]
 
 
 def test_evaluate_sequence_returns_the_scores_it_logs(tmp_path, monkeypatch):
