@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_track
 from pipeline.tune import SweepResult, TrialOutcome, effect_of, find_sweep, new_sweep_id, run_sweep, start_parent_run
 
 Progress = Callable[[str], None]
-SIFT_ROW = SIFT_NAME  # the baseline's row, as in the protocols' tables
 
 
 def _say(line: str) -> None:
@@ -238,7 +237,7 @@ def sweep(
     sift_distances = pair_distances(SIFT(pairs.shape[-1]), pairs)
     sift_fpr, sift_ap = fpr_at_95_recall(sift_distances, labels), average_precision(sift_distances, labels)
     rows = [LEADERBOARD_HEADER, *(r.row() for r in reports),
-            (SIFT_ROW, "untrained baseline", f"{sift_fpr:.4f}", f"{sift_ap:.4f}", "-", "-", "-")]
+            (SIFT_NAME, "untrained baseline", f"{sift_fpr:.4f}", f"{sift_ap:.4f}", "-", "-", "-")]
     table = text_table(rows)
     if curves:
         _log_plots(client, parent_id, {**curves, "sift": sift_distances}, labels)
@@ -279,7 +278,7 @@ class SequenceEvaluation:
 
 def evaluate_sequence(
     images: str | Path,
-    models: list[str] = (),
+    models: Sequence[str] = (),
     *,
     n_pairs: int | None = None,
     seed: int = 0,
@@ -293,7 +292,7 @@ def evaluate_sequence(
 
     t0 = time.perf_counter()
     pairs, labels, _ = sequence_pairs(images, n_pairs=n_pairs, seed=seed, redetect=redetect, progress=True)
-    named = {SIFT_ROW: SIFT(pairs.shape[-1])}
+    named = {SIFT_NAME: SIFT(pairs.shape[-1])}
     for spec in models:
         named[spec] = load_model(spec)
     scores = []

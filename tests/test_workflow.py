@@ -20,7 +20,8 @@ from pipeline.evaluate import METRIC, pair_distances
 from pipeline.metrics import average_precision, fpr_at_95_recall
 from pipeline.models import create_model
 from pipeline.models.sift import SIFT
-from pipeline.workflow import SIFT_ROW, evaluate_sequence, sweep
+from pipeline.protocols.common import SIFT_NAME
+from pipeline.workflow import evaluate_sequence, sweep
 
 GRAF = Path(__file__).resolve().parents[1] / "data" / "oxford_graf"
 
@@ -40,14 +41,14 @@ def test_evaluate_sequence_returns_the_scores_it_logs(tmp_path, monkeypatch):
         assert score.fpr95 == pytest.approx(fpr_at_95_recall(d, labels))
         assert score.ap == pytest.approx(average_precision(d, labels))
         assert score.fpr95_low <= score.fpr95 <= score.fpr95_high
-    assert [s.name for s in report.scores] == [SIFT_ROW, ckpt]
+    assert [s.name for s in report.scores] == [SIFT_NAME, ckpt]
     assert report.table().splitlines()[2].split()[:3] == ["sift", "(kornia)", f"{report.scores[0].fpr95:.4f}"]
 
     run = MlflowClient(report.tracking_uri).get_run(report.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["patchflow.kind"] == "evaluation"
     assert run.data.metrics["sift/fpr95"] == pytest.approx(report.scores[0].fpr95)
     assert run.data.metrics["model1/ap"] == pytest.approx(report.scores[1].ap) and run.data.tags["model1.name"] == ckpt
-    assert run.data.params["models"] == f"{SIFT_ROW},{ckpt}"
+    assert run.data.params["models"] == f"{SIFT_NAME},{ckpt}"
 
 
 def test_sweep_returns_what_it_registered_and_logged(ray_cluster, synthetic_shards, tmp_path):
@@ -88,5 +89,5 @@ def test_sweep_returns_what_it_registered_and_logged(ray_cluster, synthetic_shar
     assert logged == report.leaderboard + "\n"
     rows = report.leaderboard.splitlines()
     assert rows[2].split()[:1] == ["hardnet"] and rows[2].endswith("champion")
-    assert rows[3].startswith(SIFT_ROW) and f"{report.sift_fpr95:.4f}" in rows[3]
+    assert rows[3].startswith(SIFT_NAME) and f"{report.sift_fpr95:.4f}" in rows[3]
     assert np.isfinite(report.seconds)
