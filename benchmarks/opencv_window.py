@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from pipeline.data.synthetic import TRAIN_IMAGES, load_image
+from pipeline.keypoints import keypoint_patches
 from pipeline.models import opencv
 
 MULTIPLES = (0.5, 0.75, 0.875, 0.9375, 1.0, 1.0625, 1.125, 1.1875, 1.25, 1.5, 2.0)
@@ -43,7 +44,7 @@ def main() -> None:
     for ref in IMAGES:
         img = np.rint(load_image(ref) * 255).astype(np.uint8)
         kps = opencv.detect_keypoints(img, args.per_image)
-        data.append((img, kps, opencv.keypoint_patches(img, kps)))
+        data.append((img, kps, keypoint_patches(img, kps)))
     patches = np.concatenate([d[2] for d in data])
     print(f"{len(patches)} keypoints from {len(IMAGES)} photographs: {', '.join(r.split(':')[1] for r in IMAGES)}")
     for name in args.models:

@@ -24,8 +24,9 @@ from pipeline.cli import REDETECT_HELP
 from pipeline.data.sequences import sequence_pairs
 from pipeline.data.shards import shard_paths
 from pipeline.data.stream import load_pairs
-from pipeline.evaluate import SiftBaseline, pair_distances
+from pipeline.evaluate import pair_distances
 from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
+from pipeline.models.sift import SIFT
 
 GRAF = Path(__file__).resolve().parents[1] / "data" / "oxford_graf"
 
@@ -67,7 +68,7 @@ def main() -> None:
     t0 = time.perf_counter()
     synth = load_pairs(shard_paths(args.shards, "eval"), args.eval_pairs)[:2]
     real = sequence_pairs(args.images, seed=0, redetect=args.redetect, progress=True)[:2]
-    models = {"sift (kornia)": SiftBaseline(synth[0].shape[-1])}
+    models = {"sift (kornia)": SIFT(synth[0].shape[-1])}
     for arch, uri in registered_models(args.tracking_uri).items():
         models[f"{arch} ({uri.rsplit('@', 1)[1]})"] = load_descriptor(uri)
     if len(models) == 1:

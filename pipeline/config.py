@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.device import gpu_count
+from pipeline.losses import DEFAULT_MARGIN, LossName
+from pipeline.models import create_model, list_models, model_info, model_options
 
 
 class ConfigError(ValueError):
@@ -51,46 +53,37 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_arch_and_options(self) -> "ModelConfig":
-        import inspect
-
-        from pipeline.models import _REGISTRY, list_models
-
-        if self.arch not in _REGISTRY:
+        if self.arch not in list_models():
             raise ValueError(f"arch: expected one of {', '.join(list_models())}, got {self.arch!r}")
-        accepted = set(inspect.signature(_REGISTRY[self.arch]).parameters)
+        accepted = set(model_options(self.arch))
         for key in self.factory_kwargs():
             if key not in accepted:
                 raise ValueError(f"{key}: not an option of {self.arch!r} (its options: {', '.join(sorted(accepted)) or 'none'})")
-        if self.pca_dim is not None and "pca_dim" not in accepted:
-            model = _REGISTRY[self.arch]()
-            if getattr(model, "kind", "embedding") != "embedding" or not getattr(model, "trainable", True):
-                raise ValueError(f"pca_dim: {self.arch!r} is not a trainable embedding model; PCA does not apply")
-            if self.pca_dim > model.descriptor_dim:
-                raise ValueError(f"pca_dim: expected at most {model.descriptor_dim} ({self.arch}'s descriptor size), got {self.pca_dim}")
+        info = model_info(self.arch)
+        if self.pca_dim is not None and info.pca == "none":
+            raise ValueError(f"pca_dim: {self.arch!r} is not a trainable embedding model; PCA does not apply")
+        if self.attached_pca_dim is not None:
+            dim = self.descriptor_dim or info.descriptor_dim
+            if self.pca_dim > dim:
+                raise ValueError(f"pca_dim: expected at most {dim} ({self.arch}'s descriptor size), got {self.pca_dim}")
         return self
 
     def factory_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the model factory; ``pca_dim`` only where the model has its own
+        """Keyword arguments for the model's class; ``pca_dim`` only where the model has its own
         PCA head (HardNet8) — for the others the pipeline attaches one after training."""
-        import inspect
-
-        from pipeline.models import _REGISTRY
-
-        accepted = set(inspect.signature(_REGISTRY[self.arch]).parameters)
+        own_pca = model_info(self.arch).pca == "own"
         return {k: v for k, v in self.model_dump().items()
-                if k != "arch" and v is not None and (k != "pca_dim" or k in accepted)}
+                if k != "arch" and v is not None and (k != "pca_dim" or own_pca)}
 
     @property
     def attached_pca_dim(self) -> int | None:
         """The PCA dimension the pipeline attaches (None when the model handles PCA itself)."""
-        return self.pca_dim if self.pca_dim is not None and "pca_dim" not in self.factory_kwargs() else None
+        return self.pca_dim if model_info(self.arch).pca == "attach" else None
 
 
 class LossConfig(_Strict):
-    name: Literal["hardest_triplet", "triplet_random", "contrastive", "softmax_ce"] | None = Field(
-        None, description="None = the architecture's default (pipeline.models.DEFAULT_LOSS)"
-    )
-    margin: float = Field(1.0, gt=0.0)
+    name: LossName | None = Field(None, description="None = the architecture's default (pipeline.models.model_info(arch).default_loss)")
+    margin: float = Field(DEFAULT_MARGIN, gt=0.0)
     anchor_swap: bool = True
     mc_mu: float = Field(0.0, ge=0.0, description="weight of the MC-Loss diversity regulariser (0 = off)")
     mc_lambda: float = Field(1.0, ge=0.0)
@@ -177,9 +170,18 @@ class ArchitectureSweep(_Strict):
     num_samples: int | None = Field(None, ge=1)
     workers_per_trial: int | None = Field(None, ge=1)
 
+    # Keys are checked here, as --set's are; values once load_sweep has merged the architecture's model file.
+    _known_keys = field_validator("search_space", "overrides")(lambda space: _known_keys(space))
+
+
+def _registered_arch(name: str) -> str:
+    if name not in list_models():
+        raise ValueError(f"a registered model ({', '.join(list_models())})")
+    return name
+
 
 class SweepConfig(_Strict):
-    architectures: dict[str, ArchitectureSweep] | None = Field(
+    architectures: dict[Annotated[str, AfterValidator(_registered_arch)], ArchitectureSweep] | None = Field(
         None, description="several architectures, each its own Tune run; None = just model.arch"
     )
     models_dir: str = Field("../models", description="folder of <arch>.yaml model files, relative to this config")
@@ -193,12 +195,7 @@ class SweepConfig(_Strict):
     reduction_factor: int = Field(2, ge=2)
     pca_dims: list[int] = Field(default_factory=list, description="PCA output dims tried on each best embedding tower, no retraining")
 
-    @field_validator("search_space")
-    @classmethod
-    def _known_keys(cls, space: dict[str, SearchDomain]) -> dict[str, SearchDomain]:
-        for key in space:
-            _field_for(key)
-        return space
+    _known_keys = field_validator("search_space")(lambda space: _known_keys(space))
 
 
 class Config(_Strict):
@@ -219,6 +216,13 @@ class Config(_Strict):
         return Config.model_validate(raw)
 
 
+def _known_keys(keyed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Every key of a search space or of overrides names a leaf of Config (the same check as --set)."""
+    for key in keyed or {}:
+        _field_for(key)
+    return keyed
+
+
 def _field_for(dotted: str) -> None:
     """Raise ValueError unless ``dotted`` names a leaf of Config (search spaces, --set)."""
     model: type[BaseModel] = Config
@@ -228,13 +232,19 @@ def _field_for(dotted: str) -> None:
         if part not in fields:
             where = ".".join(parts[:i]) or "the top level"
             raise ValueError(f"unknown key {dotted!r}: {where} has {', '.join(fields)}")
-        annotation = fields[part].annotation
+        annotation = _section_of(fields[part].annotation)
         if i < len(parts) - 1:
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                 raise ValueError(f"unknown key {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
             model = annotation
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             raise ValueError(f"{dotted!r} is a section, not a value")
+
+
+def _section_of(annotation: Any) -> Any:
+    """``SweepConfig | None`` -> ``SweepConfig``: an optional section is still a section."""
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 and type(None) in get_args(annotation) else annotation
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -246,7 +256,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 
 def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(top level)"  # "[key]": a dict key's own check
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     if err["type"] == "missing":
@@ -353,11 +363,14 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
 
     Precedence, lowest first: ``<models_dir>/<arch>.yaml`` (model, loss, train, search space) <
     this file's sections < ``sweep.architectures.<arch>.overrides`` < ``--set`` overrides.
-    Without ``sweep.architectures`` it is ``[load_config(path, overrides)]``.
+    Without ``sweep.architectures`` it is ``[load_config(path, overrides)]``; without a ``sweep``
+    section it is an error.
     """
     source = str(path)
     cfg = load_config(path, overrides, **available)
-    if cfg.sweep is None or not cfg.sweep.architectures:
+    if cfg.sweep is None:
+        raise ConfigError(f"{source}: sweep: required section is missing (search_space, num_samples, ...)")
+    if not cfg.sweep.architectures:
         return [cfg]
     with open(path) as f:
         raw = yaml.safe_load(f)
@@ -401,10 +414,12 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
     cpus = available_cpus if available_cpus is not None else (10**6 if on_cluster else (os.cpu_count() or 1))
     gpus = available_gpus if available_gpus is not None else (10**6 if on_cluster else gpu_count())
     problems = []
-    from pipeline.models import create_model
-
-    if not getattr(create_model(cfg.model.arch, **cfg.model.factory_kwargs()), "trainable", True):
+    if not model_info(cfg.model.arch).trainable:
         problems.append(f"model.arch: {cfg.model.arch!r} is a fixed baseline, not trainable (it is evaluated in every table)")
+    try:  # option values only the model's constructor checks (e.g. Siamese's input_size: 32 or 64)
+        create_model(cfg.model.arch, **cfg.model.factory_kwargs())
+    except ValueError as e:
+        problems.append(f"model: {e}")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:
         problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")

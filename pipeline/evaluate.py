@@ -1,5 +1,6 @@
 """Descriptor evaluation on labelled pairs: the one code path that training, registration,
-promotion and the demo's table all use, so their FPR95 figures are comparable."""
+promotion and the demo's table all use, so their FPR95 figures are comparable. Also the recipe
+for fitting a PCA head on training descriptors, shared by training and the sweep's PCA search."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.stream import load_pairs
 from pipeline.device import DevicePlan, plan_for
 from pipeline.metrics import fpr_at_95_recall
+from pipeline.models import fit_input, info_of
+from pipeline.models.sift import SIFT as SiftBaseline  # noqa: F401  (the baseline's old import path)
+from pipeline.pca import attach_pca, fit_pca
+
+# The figure every stage ranks models by (lower is better): the key Ray reports, Tune and the
+# checkpoint config sort on, and MLflow metric names derive from.
+METRIC = "eval_fpr95"
+
+# PCA heads are fitted on the descriptors of this many training pairs from the first shards: HardNet8's
+# recipe, and the one the sweep's PCA search uses, so both give the same head for the same tower.
+PCA_FIT_SHARDS = 2
+PCA_FIT_PAIRS = 2048
 
 
 @torch.no_grad()
@@ -16,15 +30,14 @@ def describe(
     model: nn.Module, patches: np.ndarray, plan: DevicePlan | None = None, batch_size: int | None = None, method: str = "forward"
 ) -> np.ndarray:
     """uint8 patches (N, P, P) -> descriptors (N, D) float32, in eval mode, resized to the
-    model's input size when the patches differ (``method="embed"``: HardNet8's pre-PCA output)."""
-    from pipeline.objectives import fit_input
-
+    model's input size when the patches differ (``method="embed"``: HardNet8's pre-PCA output; a
+    foreign module, without ``info``, gets the patches at their own size)."""
     plan = plan or plan_for(use_gpu=False)
     batch_size = batch_size or plan.eval_batch_size
     was_training = model.training
     model.eval()
     fn = getattr(model, method)
-    size = getattr(model, "input_size", patches.shape[-1])
+    size = model.input_size if info_of(model) is not None else patches.shape[-1]
     out = []
     try:
         for start in range(0, len(patches), batch_size):
@@ -37,33 +50,33 @@ def describe(
 
 
 def pair_distances(model: nn.Module, pairs: np.ndarray, plan: DevicePlan | None = None) -> np.ndarray:
-    """uint8 pairs (N, 2, P, P) -> L2 distance between the two descriptors of each pair."""
+    """uint8 pairs (N, 2, P, P) -> L2 distance between the two descriptors of each pair
+    (a pair classifier's own ``distance`` on its features instead)."""
     n = len(pairs)
     desc = describe(model, np.concatenate([pairs[:, 0], pairs[:, 1]]), plan)
-    if getattr(model, "kind", "embedding") == "pair_classifier":  # MatchNet: its metric network ranks pairs
+    info = info_of(model)
+    if info is not None and info.kind == "pair_classifier":  # MatchNet: its metric network ranks pairs
         with torch.no_grad():
             return model.eval().distance(torch.from_numpy(desc[:n]), torch.from_numpy(desc[n:])).float().numpy()
     return np.linalg.norm(desc[:n] - desc[n:], axis=1)
 
 
 def evaluate_pairs(model: nn.Module, pairs: np.ndarray, labels: np.ndarray, plan: DevicePlan | None = None) -> dict[str, float]:
-    return {"eval_fpr95": fpr_at_95_recall(pair_distances(model, pairs, plan), labels)}
+    return {METRIC: fpr_at_95_recall(pair_distances(model, pairs, plan), labels)}
 
 
-class SiftBaseline(nn.Module):
-    """kornia's differentiable SIFT descriptor (RootSIFT), the untrained baseline of every table.
+def pca_fit_patches(train_urls: list[str]) -> np.ndarray:
+    """uint8 patches (N, P, P) of the training pairs a PCA head is fitted on."""
+    pairs, _, _ = load_pairs(train_urls[:PCA_FIT_SHARDS], PCA_FIT_PAIRS)
+    return pairs.reshape(-1, *pairs.shape[2:])
 
-    Shape: ``(B, 1, P, P) -> (B, 128)``.
-    """
 
-    def __init__(self, patch_size: int = 32) -> None:
-        super().__init__()
-        import kornia.feature
-
-        self.sift = kornia.feature.SIFTDescriptor(patch_size=patch_size, rootsift=True)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.sift(patches)
+def fit_descriptor_pca(
+    model: nn.Module, train_urls: list[str], dim: int, plan: DevicePlan | None = None, method: str = "forward"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(components, mean) of a PCA fitted on the model's descriptors of ``pca_fit_patches``
+    (``method="embed"``: HardNet8's own head, fitted before its projection)."""
+    return fit_pca(describe(model, pca_fit_patches(train_urls), plan, method=method), dim)
 
 
 def pca_dimension_curve(
@@ -71,11 +84,9 @@ def pca_dimension_curve(
 ) -> list[tuple[int, float, tuple[torch.Tensor, torch.Tensor]]]:
     """FPR95 of the trained tower with a PCA head of each dimension, fitted on its own training
     descriptors: the PCA dimension searched without retraining. Returns (dim, FPR95, (components, mean))."""
-    from pipeline.pca import attach_pca, fit_pca
-
     train_desc = describe(model, train_patches)
     curve = []
     for dim in sorted(d for d in dims if d < train_desc.shape[1]):
         components, mean = fit_pca(train_desc, dim)
-        curve.append((dim, evaluate_pairs(attach_pca(model, components, mean), pairs, labels)["eval_fpr95"], (components, mean)))
+        curve.append((dim, evaluate_pairs(attach_pca(model, components, mean), pairs, labels)[METRIC], (components, mean)))
     return curve

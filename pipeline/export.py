@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.models import info_of
+
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
 EXAMPLE_BATCH = 2  # the example input's batch size; the exported files accept any batch size
@@ -198,8 +200,8 @@ def _metadata(model: nn.Module, role: str, fmt: str) -> dict:
         "model": type(model).__name__,
         "input_size": int(model.input_size),
         "descriptor_dim": int(model.descriptor_dim),
-        "kind": getattr(model, "kind", "embedding"),
-        "unit_norm": bool(getattr(model, "unit_norm", False)),
+        "kind": model.info.kind,
+        "unit_norm": model.info.unit_norm,
     }
 
 
@@ -216,9 +218,9 @@ def export_descriptor(model: nn.Module, fmt: Literal["torchscript", "onnx"], out
     for attr in ("input_size", "descriptor_dim"):
         if not isinstance(getattr(model, attr, None), int):
             raise ExportError(f"{name} has no integer {attr!r}: not a descriptor model of pipeline.models")
-    kind = getattr(model, "kind", "embedding")
-    if kind not in ("embedding", "pair_classifier"):
-        raise ExportError(f"{name} has unknown kind {kind!r}")
+    if info_of(model) is None:
+        raise ExportError(f"{name} has no ModelInfo 'info': not a descriptor model of pipeline.models")
+    kind = model.info.kind
     if kind == "pair_classifier" and not callable(getattr(model, "score", None)):
         raise ExportError(f"{name} is a pair classifier without a score(f1, f2) method")
 

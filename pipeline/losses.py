@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+
+# The margin of every margin loss unless a config says otherwise (HardNet's, TFeat's and the
+# contrastive loss's usual 1.0); ``pipeline.config.LossConfig.margin`` defaults to it too.
+DEFAULT_MARGIN = 1.0
 
 
 def pairwise_l2(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -16,7 +20,7 @@ def pairwise_l2(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Te
 def hardest_in_batch_triplet_loss(
     anchor: torch.Tensor,
     positive: torch.Tensor,
-    margin: float = 1.0,
+    margin: float = DEFAULT_MARGIN,
     anchor_swap: bool = True,
     duplicate_guard: float = 0.008,
 ) -> torch.Tensor:
@@ -80,7 +84,7 @@ def in_batch_negatives(n: int, generator: torch.Generator | None = None) -> torc
 def triplet_random_negative_loss(
     anchor: torch.Tensor,
     positive: torch.Tensor,
-    margin: float = 1.0,
+    margin: float = DEFAULT_MARGIN,
     generator: torch.Generator | None = None,
     anchor_swap: bool = False,
 ) -> torch.Tensor:
@@ -98,7 +102,7 @@ def triplet_random_negative_loss(
     return torch.clamp(margin + _row_l2(anchor, positive) - d_neg, min=0.0).mean()
 
 
-def contrastive_loss(d1: torch.Tensor, d2: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+def contrastive_loss(d1: torch.Tensor, d2: torch.Tensor, labels: torch.Tensor, margin: float = DEFAULT_MARGIN) -> torch.Tensor:
     """Contrastive loss (Hadsell, Chopra, LeCun 2006) on descriptor pairs ``(d1[i], d2[i])``.
 
     With d the Euclidean distance: label 1 (similar) costs d^2 / 2, label 0 (dissimilar) costs
@@ -120,10 +124,13 @@ def softmax_pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.cross_entropy(logits, labels.long())
 
 
-# Raw losses by name. Inputs differ by family: the triplet losses take (anchor, positive) descriptors
-# of matching pairs, ``contrastive`` takes labelled descriptor pairs, ``softmax_ce`` labelled logits.
+LossName = Literal["hardest_triplet", "triplet_random", "contrastive", "softmax_ce"]
+
+# Raw losses by name (the keys are ``LossName``'s values, which configs and model metadata use).
+# Inputs differ by family: the triplet losses take (anchor, positive) descriptors of matching pairs,
+# ``contrastive`` takes labelled descriptor pairs, ``softmax_ce`` labelled logits.
 # ``batch_loss`` below turns a batch of matching pairs into any of them.
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+LOSSES: dict[LossName, Callable[..., torch.Tensor]] = {
     "hardest_triplet": hardest_in_batch_triplet_loss,
     "triplet_random": triplet_random_negative_loss,
     "contrastive": contrastive_loss,
@@ -132,11 +139,11 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def batch_loss(
-    name: str,
+    name: LossName,
     anchor: torch.Tensor,
     positive: torch.Tensor,
     *,
-    margin: float = 1.0,
+    margin: float = DEFAULT_MARGIN,
     anchor_swap: bool = True,
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,

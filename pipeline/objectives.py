@@ -5,24 +5,17 @@ used inside that forward, where DDP expects every parameter to be used)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import LossConfig
-from pipeline.losses import batch_loss
+from pipeline.losses import LossName, batch_loss
 from pipeline.mcloss import diversity_term
-from pipeline.models import DEFAULT_LOSS
+from pipeline.models import fit_input, model_info
 
 
-def fit_input(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float patches to a model's input size (e.g. 32 px shards into MatchNet's 64 px)."""
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
-
-
-def loss_name(arch: str, loss: LossConfig) -> str:
-    name = loss.name or DEFAULT_LOSS.get(arch)
+def loss_name(arch: str, loss: LossConfig) -> LossName:
+    """The configured loss, else the architecture's registered default."""
+    name = loss.name or model_info(arch).default_loss
     if name is None:
         raise ValueError(f"{arch!r} has no training loss")
     return name
@@ -35,8 +28,10 @@ class PairObjective(nn.Module):
         super().__init__()
         self.model, self.loss, self.generator = model, loss, generator
         self.name = loss_name(arch, loss)
-        # Models with a PCA head (HardNet8) are trained on the descriptor before PCA.
-        self._describe = getattr(model, "embed", model.forward)
+        info = model_info(arch)
+        # Models with their own PCA head (HardNet8) are trained on the descriptor before PCA.
+        self._describe = model.embed if info.pca == "own" else model.forward
+        self._score = model.score if info.kind == "pair_classifier" else None
         self._last_maps: torch.Tensor | None = None
         if loss.mc_mu > 0:
             convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -51,9 +46,8 @@ class PairObjective(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0] // 2
         desc = self._describe(fit_input(x, self.model.input_size)).float().view(b, 2, -1)
-        score = self.model.score if getattr(self.model, "kind", "embedding") == "pair_classifier" else None
         loss = batch_loss(self.name, desc[:, 0], desc[:, 1], margin=self.loss.margin,
-                          anchor_swap=self.loss.anchor_swap, score=score, generator=self.generator)
+                          anchor_swap=self.loss.anchor_swap, score=self._score, generator=self.generator)
         if self.loss.mc_mu > 0:
             maps = self._last_maps.float()
             groups = maps.shape[1] // self.loss.mc_xi * self.loss.mc_xi

@@ -8,18 +8,21 @@ from __future__ import annotations
 import logging
 import subprocess
 from dataclasses import dataclass
+from importlib.metadata import requires
 from pathlib import Path
 
 import numpy as np
 import torch
+from packaging.requirements import Requirement
 
+from pipeline.checkpoint import model_from_checkpoint
 from pipeline.config import Config
 from pipeline.data.shards import manifest_sha256 as _manifest_sha256
 from pipeline.data.stream import load_eval_split
-from pipeline.evaluate import evaluate_pairs, pair_distances
+from pipeline.evaluate import METRIC, evaluate_pairs, pair_distances
 from pipeline.metrics import fpr_at_95_recall
+from pipeline.pca import pca_head_dim
 from pipeline.tracking import resolve_tracking_uri
-from pipeline.train import METRIC, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,21 @@ def _git_commit() -> str:
 
 def manifest_sha256(shard_dir: str | Path) -> str:
     return _manifest_sha256(shard_dir)  # local, http(s)://, s3://, gs://
+
+
+# What a logged model needs to unpickle and run: these packages, as pyproject.toml pins them.
+MODEL_PACKAGES = ("torch", "kornia", "numpy", "pydantic")
+
+
+def model_requirements() -> list[str]:
+    """pip requirements of a logged model: patchflow's own pins of ``MODEL_PACKAGES`` (read from the
+    installed package's metadata, so pyproject.toml stays their one home)."""
+    reqs = [Requirement(spec) for spec in requires("patchflow") or []]
+    declared = {r.name.lower(): str(r) for r in reqs if r.marker is None}  # markers: extras' requirements
+    missing = [p for p in MODEL_PACKAGES if p not in declared]
+    if missing:
+        raise RuntimeError(f"patchflow's installed metadata declares no {', '.join(missing)}: reinstall it (pip install -e .)")
+    return [declared[p] for p in MODEL_PACKAGES]
 
 
 def load_descriptor(uri: str, tracking_uri: str | None = None) -> torch.nn.Module:
@@ -117,20 +135,20 @@ def register_checkpoint(
             signature=_signature(model),
             serialization_format="pickle",  # loads back as the nn.Module (pt2 gives a frozen GraphModule)
             code_paths=[str(Path(__file__).parent)],  # the `pipeline` package, so the pickle loads anywhere
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "kornia==0.9.0", "numpy>=2,<3", "pydantic>=2.7,<3"],
+            pip_requirements=model_requirements(),
             registered_model_name=name,
         )
-        mlflow.log_metric("registered_eval_fpr95", fpr)
+        mlflow.log_metric(f"registered_{METRIC}", fpr)
     version = str(info.registered_model_version)
     tags = {
         "architecture": trained_cfg.model.arch,
         "sweep_id": sweep_id,
         "data_manifest_sha256": manifest_sha256(cfg.data.shards),
-        "eval_fpr95": f"{fpr:.6f}",
+        METRIC: f"{fpr:.6f}",
         "git_commit": _git_commit(),
         "input_size": str(model.input_size),
         "descriptor_dim": str(model.descriptor_dim),
-        "pca_dim": str(getattr(model, "pca_dim", None) or trained_cfg.model.pca_dim),
+        "pca_dim": str(pca_head_dim(model) or trained_cfg.model.pca_dim),
         "checkpoint": checkpoint_path,
         "data_shards": str(cfg.data.shards),
     }

@@ -189,13 +189,13 @@ def build_entrypoint(step: str, *, config: str | None, sets: list[str], extra: l
 
 
 def validate_locally(step: str, config: str, sets: list[str]):
-    """The checks ``patchflow train/sweep`` make before Ray starts, minus this machine's capacity."""
-    from pipeline.config import ConfigError, load_config, parse_overrides
+    """The checks ``patchflow train/sweep`` make before Ray starts (a sweep: every architecture's
+    expanded config), minus this machine's capacity."""
+    from pipeline.config import load_config, load_sweep, parse_overrides
 
-    cfg = load_config(config, parse_overrides(sets), available_cpus=BIG, available_gpus=BIG)
-    if step == "sweep" and cfg.sweep is None:
-        raise ConfigError(f"{config}: sweep: required section is missing (search_space, num_samples, ...)")
-    return cfg
+    if step == "sweep":
+        return load_sweep(config, parse_overrides(sets), available_cpus=BIG, available_gpus=BIG)[0]
+    return load_config(config, parse_overrides(sets), available_cpus=BIG, available_gpus=BIG)
 
 
 def follow(client, job_id: str, *, out=None, poll_s: float = 1.0) -> str:

@@ -15,221 +15,196 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.augment import fliprot, make_jitter
+from pipeline.checkpoint import build_model, load_state, save_state
 from pipeline.config import Config
 from pipeline.data.shards import shard_paths, verify_checksums
-from pipeline.data.stream import check_shard_count, load_eval_split, load_pairs, train_loader
-from pipeline.augment import fliprot, make_jitter
-from pipeline.device import plan_for
-from pipeline.evaluate import evaluate_pairs
-from pipeline.models import create_model
+from pipeline.data.stream import check_shard_count, load_eval_split, train_loader
+from pipeline.device import DevicePlan, plan_for
+from pipeline.evaluate import METRIC, evaluate_pairs, fit_descriptor_pca
+from pipeline.hooks import TrainHooks
 from pipeline.objectives import PairObjective
+from pipeline.pca import attach_pca, pca_head_dim
 from pipeline.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "state.pt"
-METRIC = "eval_fpr95"  # lower is better
+
+@dataclass
+class EpochStats:
+    """One rank's figures for one epoch, before they are shared across ranks."""
+
+    loss_sum: float = 0.0
+    batches: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    lr: float = 0.0
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
-    return create_model(cfg.model.arch, **cfg.model.factory_kwargs())
+class _Worker:
+    """One rank's training run. ``__init__`` is the setup (model, optimizer, restored position,
+    data, tracking); then per epoch ``train_epoch`` -> ``evaluate`` -> ``report``."""
 
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
 
-def save_state(
-    directory: Path, *, model, optimizer, epoch: int, step: int, mlflow_run_id: str | None, cfg: Config, pca=None
-) -> None:
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "pca": pca,  # (components, mean) of an attached PCA head, or None
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "mlflow_run_id": mlflow_run_id,
-            "config": cfg.model_dump(mode="json"),
-        },
-        directory / CHECKPOINT_FILE,
-    )
+        self.cfg = cfg = Config.model_validate(loop_config["config"])
+        self.hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.plan: DevicePlan = plan_for(cfg.scaling.use_gpu, ray.train.torch.get_device())
+        torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
 
+        model = build_model(cfg)
+        if self.plan.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        t = cfg.train
+        self.base_lr = t.lr * (t.batch_size / t.lr_reference_batch if t.lr_reference_batch else 1.0)
+        if t.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=self.base_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(model.parameters(), lr=self.base_lr, weight_decay=t.weight_decay)
+        self.start_epoch, self.step, self.run_id = 0, 0, loop_config.get("mlflow_run_id")
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = load_state(d)
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.start_epoch, self.step = state["epoch"] + 1, state["step"]
+            self.run_id = state["mlflow_run_id"] or self.run_id
+        self.loss_rng = torch.Generator().manual_seed(t.seed * 7919 + self.rank)  # in-batch negatives
+        # DDP wraps the objective (model + loss), so everything the loss uses is inside one forward.
+        self.objective = ray.train.torch.prepare_model(PairObjective(model, cfg.model.arch, cfg.loss, self.loss_rng))
+        self.model = model  # unwrapped: evaluation and checkpoints
 
-def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        urls = loop_config.get("shard_urls") or {s: shard_paths(cfg.data.shards, s) for s in ("train", "eval")}
+        self.train_urls = urls["train"]
+        check_shard_count(len(self.train_urls), self.world, cfg.data.loader_workers)
+        self.total_steps = t.epochs * t.batches_per_epoch
+        self.logger = RunLogger(loop_config["tracking_uri"], self.run_id) if self.rank == 0 else None
+        # A resumed run can restart from an earlier checkpoint than its last logged epoch, or from none
+        # at all (killed before Ray recorded the first checkpoint): epochs already in MLflow are kept.
+        self.logged_epochs = self.logger.logged_steps(METRIC) if self.rank == 0 else set()
+        if self.rank == 0:
+            self.eval_pairs, self.eval_labels, _ = load_eval_split(cfg.data, urls["eval"])  # checksums verified again here
+        self.augment_rng = torch.Generator().manual_seed(t.seed * 1000 + self.rank)
+        self.jitter = make_jitter(t.augment_rotation_deg, t.augment_scale)
 
+    def _lr(self) -> float:
+        decay = (1.0 - self.step / self.total_steps) if self.cfg.train.lr_schedule == "linear_to_zero" else 1.0
+        return self.base_lr * decay
 
-def model_from_checkpoint(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, Config]:
-    """The trained model, with its PCA head attached when the run fitted one."""
-    from pipeline.pca import attach_pca
-
-    state = load_state(checkpoint_dir)
-    cfg = Config.model_validate(state["config"])
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
-    if state.get("pca") is not None:
-        model = attach_pca(model, *state["pca"])
-    return model.eval(), cfg
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    cfg = Config.model_validate(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    plan = plan_for(cfg.scaling.use_gpu, ray.train.torch.get_device())
-    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
-
-    model = build_model(cfg)
-    if plan.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    base_lr = cfg.train.lr * (cfg.train.batch_size / cfg.train.lr_reference_batch if cfg.train.lr_reference_batch else 1.0)
-    if cfg.train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=cfg.train.weight_decay)
-    start_epoch, step, run_id = 0, 0, loop_config.get("mlflow_run_id")
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        run_id = state["mlflow_run_id"] or run_id
-    loss_rng = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)  # in-batch negatives
-    # DDP wraps the objective (model + loss), so everything the loss uses is inside one forward.
-    objective = ray.train.torch.prepare_model(PairObjective(model, cfg.model.arch, cfg.loss, loss_rng))
-    core = model
-
-    urls = loop_config.get("shard_urls") or {s: shard_paths(cfg.data.shards, s) for s in ("train", "eval")}
-    train_urls = urls["train"]
-    check_shard_count(len(train_urls), world, cfg.data.loader_workers)
-    total_steps = cfg.train.epochs * cfg.train.batches_per_epoch
-    logger = RunLogger(loop_config["tracking_uri"], run_id) if rank == 0 else None
-    # A resumed run can restart from an earlier checkpoint than its last logged epoch, or from none
-    # at all (killed before Ray recorded the first checkpoint): epochs already in MLflow are kept.
-    logged_epochs = logger.logged_steps(METRIC) if rank == 0 else set()
-    if rank == 0:
-        eval_pairs, eval_labels, _ = load_eval_split(cfg.data, urls["eval"])  # checksums verified again here
-    augment_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    jitter = make_jitter(cfg.train.augment_rotation_deg, cfg.train.augment_scale)
-
-    for epoch in range(start_epoch, cfg.train.epochs):
+    def train_epoch(self, epoch: int) -> EpochStats:
+        cfg, rank = self.cfg, self.rank
         # Every random stream restarts per (seed, epoch, rank): an epoch re-run after a restart from
         # the previous epoch's checkpoint draws the same data order, augmentations and dropout masks.
         epoch_seed = cfg.train.seed * 1_000_003 + epoch * 1009 + rank
-        augment_rng.manual_seed(epoch_seed)
-        loss_rng.manual_seed(epoch_seed)
+        self.augment_rng.manual_seed(epoch_seed)
+        self.loss_rng.manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)
         loader = train_loader(
-            train_urls,
+            self.train_urls,
             loader_workers=cfg.data.loader_workers,
             rank=rank,
-            world_size=world,
+            world_size=self.world,
             epoch=epoch,
             batch_size=cfg.train.batch_size,
             batches_per_epoch=cfg.train.batches_per_epoch,
             shuffle_buffer=cfg.data.shuffle_buffer,
             seed=cfg.train.seed,
         )
-        objective.train()
-        loss_sum, n_batches, skipped, t0 = 0.0, 0, 0, time.perf_counter()
-        seen_ids = [] if loop_config.get("record_reads_dir") else None
+        self.objective.train()
+        stats, t0 = EpochStats(lr=self._lr()), time.perf_counter()
         for batch in loader:
+            self.hooks.on_batch(batch, rank=rank)
             pairs = batch["pairs"]
-            skipped += batch["skipped"]
-            if seen_ids is not None:
-                seen_ids.append(batch["ids"][:, 0].clone())
+            stats.skipped += batch["skipped"]
             if cfg.train.augment:
-                pairs = fliprot(pairs, augment_rng)
+                pairs = fliprot(pairs, self.augment_rng)
             b, _, p, _ = pairs.shape
-            x = plan.prepare_batch(pairs.reshape(b * 2, 1, p, p))  # a0, p0, a1, p1, ...
-            if jitter is not None:
-                x = jitter(x)
-            lr = base_lr * ((1.0 - step / total_steps) if cfg.train.lr_schedule == "linear_to_zero" else 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with plan.autocast():
-                loss = objective(x)
-            optimizer.zero_grad(set_to_none=True)
+            x = self.plan.prepare_batch(pairs.reshape(b * 2, 1, p, p))  # a0, p0, a1, p1, ...
+            if self.jitter is not None:
+                x = self.jitter(x)
+            stats.lr = self._lr()
+            for group in self.optimizer.param_groups:
+                group["lr"] = stats.lr
+            with self.plan.autocast():
+                loss = self.objective(x)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            _maybe_fail(loop_config.get("fail_once"), rank=rank, epoch=epoch, step=step)
-            optimizer.step()
-            step += 1
-            loss_sum += loss.item()
-            n_batches += 1
-        seconds = time.perf_counter() - t0
+            self.hooks.after_backward(rank=rank, epoch=epoch, step=self.step)
+            self.optimizer.step()
+            self.step += 1
+            stats.loss_sum += loss.item()
+            stats.batches += 1
+        stats.seconds = time.perf_counter() - t0
+        return stats
 
-        pca = None
-        eval_model = core
-        if rank == 0 and getattr(core, "pca_dim", None):  # the model's own PCA head (HardNet8)
-            core.set_pca(*fit_descriptor_pca(core, train_urls[:2], core.pca_dim, plan, method="embed"))
-        elif rank == 0 and cfg.model.attached_pca_dim:
-            from pipeline.pca import attach_pca
-
-            pca = fit_descriptor_pca(core, train_urls[:2], cfg.model.attached_pca_dim, plan)
+    def evaluate(self) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Rank 0: fit the PCA head if the model has one, then FPR95 on the eval pairs. Returns the
+        figure (0.0 on other ranks) and the (components, mean) of an attached head, for the checkpoint."""
+        if self.rank != 0:
+            return 0.0, None
+        core, pca, eval_model = self.model, None, self.model
+        if pca_head_dim(core) is not None:  # the model's own head (HardNet8)
+            core.set_pca(*fit_descriptor_pca(core, self.train_urls, core.pca_dim, self.plan, method="embed"))
+        elif self.cfg.model.attached_pca_dim:
+            pca = fit_descriptor_pca(core, self.train_urls, self.cfg.model.attached_pca_dim, self.plan)
             eval_model = attach_pca(core, *pca)
-        fpr = evaluate_pairs(eval_model, eval_pairs, eval_labels, plan)[METRIC] if rank == 0 else 0.0
+        return evaluate_pairs(eval_model, self.eval_pairs, self.eval_labels, self.plan)[METRIC], pca
+
+    def report(self, epoch: int, stats: EpochStats, fpr: float, pca) -> None:
+        """Share the epoch's figures across ranks, report them to Ray (rank 0 with the checkpoint)
+        and log them to MLflow (rank 0, once per epoch)."""
+        import ray.train
+
+        rank, world = self.rank, self.world
         # One collective: mean train loss over ranks, rank 0's FPR95 to everyone, skipped samples summed.
-        shared = torch.tensor([loss_sum / max(1, n_batches), fpr if rank == 0 else 0.0, skipped], dtype=torch.float64)
+        shared = torch.tensor([stats.loss_sum / max(1, stats.batches), fpr, stats.skipped], dtype=torch.float64)
         if world > 1 and dist.is_available() and dist.is_initialized():
-            shared = shared.to(plan.device)
+            shared = shared.to(self.plan.device)
             dist.all_reduce(shared)
             shared = shared.cpu()
             shared[0] /= world
         metrics = {
             "epoch": epoch + 1,
-            "step": step,
+            "step": self.step,
             "train_loss": float(shared[0]),
             METRIC: float(shared[1]),
             "data/skipped_samples": int(shared[2]),
-            "mlflow_run_id": run_id or "",
-            "lr": lr,
-            "pairs_per_s": n_batches * cfg.train.batch_size * world / seconds if seconds > 0 else math.nan,
+            "mlflow_run_id": self.run_id or "",
+            "lr": stats.lr,
+            "pairs_per_s": stats.batches * self.cfg.train.batch_size * world / stats.seconds if stats.seconds > 0 else math.nan,
         }
-        if seen_ids is not None:  # test hook: which pairs this rank read, and on which node
-            import json
-
-            record = {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "ids": torch.cat(seen_ids).tolist()}
-            (Path(loop_config["record_reads_dir"]) / f"rank{rank}-epoch{epoch}.json").write_text(json.dumps(record))
-        if loop_config.get("dump_params_dir"):  # test hook: each rank's weights, to compare across ranks
-            torch.save(core.state_dict(), Path(loop_config["dump_params_dir"]) / f"rank{rank}-epoch{epoch}.pt")
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_state(Path(tmp), model=core, optimizer=optimizer, epoch=epoch, step=step, mlflow_run_id=run_id,
-                           cfg=cfg, pca=pca)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            # Epochs are deterministic (seeded per epoch), so a re-run epoch's figures are the same.
-            if epoch + 1 not in logged_epochs:
-                logger.metrics(metrics, step=epoch + 1)
-        else:
+        self.hooks.end_of_epoch(rank=rank, epoch=epoch, model=self.model)
+        if rank != 0:
             ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(Path(tmp), model=self.model, optimizer=self.optimizer, epoch=epoch, step=self.step,
+                       mlflow_run_id=self.run_id, cfg=self.cfg, pca=pca)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # Epochs are deterministic (seeded per epoch), so a re-run epoch's figures are the same.
+        if epoch + 1 not in self.logged_epochs:
+            self.logger.metrics(metrics, step=epoch + 1)
 
 
-def fit_descriptor_pca(model: torch.nn.Module, urls: list[str], dim: int, plan, method: str = "forward", max_pairs: int = 2048):
-    """(components, mean) of a PCA fitted on descriptors of training patches (HardNet8's recipe,
-    and the PCA head any embedding model can get with ``model.pca_dim``)."""
-    from pipeline.evaluate import describe
-    from pipeline.pca import fit_pca
-
-    pairs, _, _ = load_pairs(urls, max_pairs)
-    patches = pairs.reshape(-1, *pairs.shape[2:])
-    return fit_pca(describe(model, patches, plan, method=method), dim)
-
-
-def _maybe_fail(spec: dict | None, *, rank: int, epoch: int, step: int) -> None:
-    """Fault injection for the fault-tolerance tests: raise once at (rank, step), remembered in a
-    marker file so the restarted worker goes on."""
-    if spec and rank == spec["rank"] and step == spec["step"] and not Path(spec["marker"]).exists():
-        Path(spec["marker"]).write_text(f"failed at epoch {epoch} step {step}")
-        raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    worker = _Worker(loop_config)
+    for epoch in range(worker.start_epoch, worker.cfg.train.epochs):
+        stats = worker.train_epoch(epoch)
+        fpr, pca = worker.evaluate()
+        worker.report(epoch, stats, fpr, pca)
 
 
 def preflight(cfg: Config) -> dict[str, list[str]]:
@@ -255,7 +230,7 @@ def build_trainer(
     mlflow_run_id: str | None,
     callbacks=None,
     num_workers: int | None = None,
-    extra_loop_config: dict[str, Any] | None = None,
+    hooks: TrainHooks | None = None,
     shard_urls: dict[str, list[str]] | None = None,
 ):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -273,7 +248,7 @@ def build_trainer(
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "shard_urls": shard_urls,
-            **(extra_loop_config or {}),
+            "hooks": hooks,
         },
         torch_config=TorchConfig(backend=plan.ddp_backend),
         scaling_config=ScalingConfig(

@@ -25,8 +25,9 @@ from typing import Any
 
 from pipeline.cluster import TRIAL_SLOT, init_ray
 from pipeline.config import Config, ConfigError, SearchDomain, SweepConfig
+from pipeline.evaluate import METRIC
 from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
-from pipeline.train import METRIC, build_trainer, preflight
+from pipeline.train import build_trainer, preflight
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def run_sweep(
     ok = [t for t in trials if not math.isnan(t.best_fpr95)]
     if ok:
         best = result.best
-        parent_log.metrics({f"{arch}/best_eval_fpr95": best.best_fpr95, f"{arch}/trials_finished": len(ok)}, step=0)
+        parent_log.metrics({f"{arch}/best_{METRIC}": best.best_fpr95, f"{arch}/trials_finished": len(ok)}, step=0)
         parent_log.tags({f"patchflow.{arch}.best_trial": best.trial_id, f"patchflow.{arch}.best_run_id": best.mlflow_run_id or ""})
     client.log_dict(parent_id, {"trials": [t.__dict__ for t in trials]}, f"trials/{arch}.json")
     if owns_parent:

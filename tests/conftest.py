@@ -12,6 +12,15 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that uses the session cluster (directly or through another fixture) carries the
+    ``ray`` marker, so ``pytest -m "not ray"`` is the fast inner loop. Tests that start a Ray of their
+    own (tests/test_multinode.py, tests/test_jobs.py) are marked in their files."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster, started once: 2 CPUs (the CI machine's size) and 2 trial slots

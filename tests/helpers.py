@@ -69,3 +69,48 @@ def small_config(shards, tmp_path, tracking_uri, **sections) -> Config:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return Config.model_validate(raw)
+
+
+def checkpoint_fpr95(checkpoint_path: str, cfg: Config) -> float:
+    """FPR95 of a checkpoint's model (with its PCA head) recomputed apart from the training loop, on
+    the eval pairs it used and in the layout it used (the CPU plan's channels_last)."""
+    import torch
+
+    from pipeline.checkpoint import model_from_checkpoint
+    from pipeline.data.shards import shard_paths
+    from pipeline.data.stream import load_pairs
+    from pipeline.device import plan_for
+    from pipeline.evaluate import METRIC, evaluate_pairs
+
+    model, _ = model_from_checkpoint(checkpoint_path)
+    plan = plan_for(use_gpu=False)
+    if plan.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
+    return evaluate_pairs(model, pairs, labels, plan)[METRIC]
+
+
+def untrained_fpr95(cfg: Config) -> float:
+    """FPR95 of the configured model with the weights training starts from (seeded as the loop seeds)."""
+    import torch
+
+    from pipeline.checkpoint import build_model
+    from pipeline.data.shards import shard_paths
+    from pipeline.data.stream import load_pairs
+    from pipeline.evaluate import METRIC, evaluate_pairs
+
+    torch.manual_seed(cfg.train.seed)
+    pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
+    return evaluate_pairs(build_model(cfg), pairs, labels)[METRIC]
+
+
+def save_checkpoint(folder, model, cfg: Config) -> str:
+    """``model`` saved as a training checkpoint folder (epoch 0, no run id) under config ``cfg``."""
+    import torch
+
+    from pipeline.checkpoint import save_state
+
+    folder.mkdir()
+    save_state(folder, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, step=0,
+               mlflow_run_id=None, cfg=cfg)
+    return str(folder)

@@ -1,12 +1,14 @@
 """Bad configuration fails before Ray or MLflow start, with one message naming file, key and expectation."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.config import ConfigError, load_config, parse_overrides
+from pipeline.config import Config, ConfigError, load_config, load_sweep, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,25 +66,96 @@ def test_overrides_are_validated_and_relative_paths_resolved(tmp_path, monkeypat
         load_config(path, parse_overrides(["train.batch_size=1"]), available_cpus=2, available_gpus=0)
 
 
-def test_shipped_configs_are_valid():
-    for path in sorted((REPO / "configs").rglob("*.yaml")):
-        if path.parent.name != "models":
-            load_config(path, available_cpus=2, available_gpus=0)
+def load_like_the_cli(path: Path, tmp_path: Path) -> list[Config]:
+    """A config file loaded the way its command loads it: a sweep with ``load_sweep`` (every
+    architecture's model file, overrides and search space merged and validated), a model file as the
+    ``base:`` of a sweep (its search space checked too), anything else with ``load_config``."""
+    if path.parent.name == "sweeps":
+        return load_sweep(path, available_cpus=2, available_gpus=0)
+    if path.parent.name == "models":
+        run = write(tmp_path, f"base: {path}\ndata: {{shards: s}}\nsweep: {{}}\n", name=f"uses-{path.name}")
+        return [load_config(run, available_cpus=2, available_gpus=0)]
+    return [load_config(path, available_cpus=2, available_gpus=0)]
 
 
-def test_every_model_config_is_a_valid_base(tmp_path):
-    from pipeline.models import list_models
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 
-    for arch in list_models():
-        if arch.startswith("opencv_"):  # no model file: OpenCV baselines are never trained or swept
-            continue
-        run = write(tmp_path, f"base: {REPO}/configs/models/{arch}.yaml\ndata: {{shards: s}}\nsweep: {{}}\n")
-        if arch == "sift":
-            with pytest.raises(ConfigError, match="model.arch: 'sift' is a fixed baseline, not trainable"):
-                load_config(run, available_cpus=2, available_gpus=0)
-            continue
-        cfg = load_config(run, available_cpus=2, available_gpus=0)
-        assert cfg.model.arch == arch and cfg.sweep.search_space  # the model's search space came along
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_config_loads_as_its_command_loads_it(path, tmp_path):
+    raw = yaml.safe_load(path.read_text())
+    if path.name == "sift.yaml":  # the baseline's model file: evaluated in every table, never trained
+        with pytest.raises(ConfigError, match="model.arch: 'sift' is a fixed baseline, not trainable"):
+            load_like_the_cli(path, tmp_path)
+        return
+    configs = load_like_the_cli(path, tmp_path)
+    if path.parent.name == "models":  # the model and its search space came along as the base
+        assert configs[0].model.arch == path.stem and set(configs[0].sweep.search_space) == set(raw["search_space"])
+    archs = (raw.get("sweep") or {}).get("architectures")
+    assert [c.model.arch for c in configs] == (list(archs) if archs else [configs[0].model.arch])
+    for cfg in configs:
+        spec = (archs or {}).get(cfg.model.arch) or {}
+        values = cfg.model_dump()
+        for key, value in spec.get("overrides", {}).items():  # every override landed where it says
+            section, field = key.split(".")
+            assert values[section][field] == value, f"{path.name}: {cfg.model.arch}: {key}"
+        if "search_space" in spec:
+            assert set(cfg.sweep.search_space) == set(spec["search_space"])
+
+
+@pytest.mark.parametrize("typo, expected", [
+    (("train.batches_per_epoch: 20, train.batch_size: 64", "train.batches_per_epoch: 20, train.batchsize: 64"),
+     "sweep.architectures.l2net.overrides: unknown key 'train.batchsize': train has epochs, batch_size,"),
+    (("train.batches_per_epoch: 20, train.batch_size: 64", "train.batches_per_epoch: 20, train.batch_size: 1"),
+     "(sweep.architectures.l2net over l2net.yaml): train.batch_size: expected greater than or equal to 2, got 1"),
+    (("loss.margin: {grid: [0.5, 1.0]}", "loss.margn: {grid: [0.5, 1.0]}"),
+     "sweep.architectures.tfeat.search_space: unknown key 'loss.margn'"),
+    (("loss.margin: {grid: [0.5, 1.0]}", "loss.margin: {grid: [0.5, -1.0]}"),
+     "(sweep.architectures.tfeat over tfeat.yaml): sweep.search_space.loss.margin: value -1.0 is invalid"),
+    (("    sosnet: *short", "    sosnett: *short"),
+     "sweep.architectures.sosnett: expected a registered model (hardnet, hardnet8"),
+    (("model.pca_dim: 128", "model.pca_dims: 128"), "unknown key 'model.pca_dims': model has arch, dropout"),
+])
+def test_a_typo_in_a_shipped_sweep_is_caught_at_load(typo, expected, tmp_path):
+    """The shipped demo sweep, copied with its model files and one typo: the same loading fails, naming
+    the file, the architecture and the key, before anything starts."""
+    (tmp_path / "configs").mkdir()
+    for folder in ("sweeps", "models"):
+        shutil.copytree(REPO / "configs" / folder, tmp_path / "configs" / folder)
+    path = tmp_path / "configs" / "sweeps" / "demo.yaml"
+    old, new = typo
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new, 1))
+    with pytest.raises(ConfigError) as err:
+        load_like_the_cli(path, tmp_path)
+    assert f"{path}" in str(err.value) and expected in str(err.value)
+
+
+def test_a_typo_in_a_model_file_is_caught_through_the_sweep(tmp_path):
+    (tmp_path / "configs").mkdir()
+    for folder in ("sweeps", "models"):
+        shutil.copytree(REPO / "configs" / folder, tmp_path / "configs" / folder)
+    model_file = tmp_path / "configs" / "models" / "tfeat.yaml"
+    model_file.write_text(model_file.read_text().replace("lr:", "lrate:", 1))
+    with pytest.raises(ConfigError, match=r"\(sweep.architectures.tfeat over tfeat.yaml\): train.lrate: unknown key"):
+        load_like_the_cli(tmp_path / "configs" / "sweeps" / "demo.yaml", tmp_path)
+    with pytest.raises(ConfigError, match="train.lrate: unknown key"):
+        load_like_the_cli(model_file, tmp_path)
+
+
+def test_sweep_overrides_are_checked_like_set(tmp_path):
+    """The same key check and message for a sweep's overrides as for --set."""
+    path = write(tmp_path, "data: {shards: s}\nsweep: {architectures: {hardnet: {overrides: {train.epoch: 1}}}}\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_config(path, available_cpus=2, available_gpus=0)
+    with pytest.raises(ConfigError) as from_set:
+        parse_overrides(["train.epoch=1"])
+    message = str(from_set.value).removeprefix("--set 'train.epoch=1': ")
+    assert f"{path}: sweep.architectures.hardnet.overrides: {message}" in str(from_file.value)
+    # keys of the optional sweep section are keys too, in both places
+    assert parse_overrides(["sweep.search_alg=optuna"]) == {"sweep.search_alg": "optuna"}
+    path = write(tmp_path, "data: {shards: s}\nsweep: {architectures: {hardnet: {overrides: {sweep.search_alg: optuna}}}}\n")
+    assert load_config(path, available_cpus=2, available_gpus=0).sweep.architectures["hardnet"].overrides == {"sweep.search_alg": "optuna"}
 
 
 def test_model_options_are_checked_against_the_factory(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.export import EXAMPLE_BATCH, FORMATS, ExportError, export_descriptor, load_exported, score_path
-from pipeline.models import create_model, list_models
+from pipeline.models import ModelInfo, create_model, list_models
 from pipeline.models.opencv import OPENCV_MODELS
 from pipeline.pca import attach_pca, fit_pca
 
@@ -69,7 +69,7 @@ def test_export_reproduces_model_on_another_batch_size(name, fmt, tmp_path):
     np.testing.assert_allclose(exported(x.numpy()), want, rtol=TOL[fmt], atol=TOL[fmt])  # numpy in, too
 
     expected_files = {out.name}
-    if model.kind == "pair_classifier":  # MatchNet: the metric network is the second file
+    if model.info.kind == "pair_classifier":  # MatchNet: the metric network is the second file
         score = load_exported(score_path(out))
         assert score.metadata["role"] == "score"
         f1, f2 = torch.from_numpy(want), torch.from_numpy(want[::-1].copy())
@@ -134,7 +134,7 @@ class _NotExportable(nn.Module):
 
     input_size = 32
     descriptor_dim = 4
-    kind = "embedding"
+    info = ModelInfo(input_size=32, descriptor_dim=4, default_loss=None, pca="none", unit_norm=False, trainable=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         if patches.mean() > 2.0:  # data-dependent control flow

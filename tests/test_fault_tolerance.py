@@ -7,9 +7,12 @@ from __future__ import annotations
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import small_config
+from helpers import checkpoint_fpr95, small_config
+from pipeline.checkpoint import load_state
+from pipeline.evaluate import METRIC
+from pipeline.hooks import FailOnce
 from pipeline.tracking import get_or_create_experiment
-from pipeline.train import METRIC, build_trainer, load_state
+from pipeline.train import build_trainer
 
 
 def test_worker_failure_resumes_and_matches_an_uninterrupted_run(ray_cluster, synthetic_shards, tmp_path, tracking_uri):
@@ -23,7 +26,7 @@ def test_worker_failure_resumes_and_matches_an_uninterrupted_run(ray_cluster, sy
     marker = tmp_path / "failed-once"
     # rank 1 dies in epoch 2 (steps 4..7), after epoch 1's checkpoint was reported
     result = build_trainer(cfg, name="interrupted", tracking_uri=tracking_uri, mlflow_run_id=run_id,
-                           extra_loop_config={"fail_once": {"rank": 1, "step": 6, "marker": str(marker)}}).fit()
+                           hooks=FailOnce(rank=1, step=6, marker=str(marker))).fit()
 
     assert marker.read_text() == "failed at epoch 1 step 6"
     final, expected = load_state(result.checkpoint.path), load_state(reference.checkpoint.path)
@@ -41,4 +44,5 @@ def test_unreachable_tracking_server_does_not_stop_training(ray_cluster, synthet
     cfg = small_config(synthetic_shards, tmp_path, dead, train={"epochs": 1, "batches_per_epoch": 2},
                        scaling={"num_workers": 1})
     result = build_trainer(cfg, name="no-tracking", tracking_uri=dead, mlflow_run_id="0" * 32).fit()
-    assert result.metrics["epoch"] == 1 and 0 <= result.metrics[METRIC] <= 1
+    assert result.metrics["epoch"] == 1 and load_state(result.checkpoint.path)["step"] == 2
+    assert result.metrics[METRIC] == checkpoint_fpr95(result.checkpoint.path, cfg)

@@ -1,4 +1,5 @@
-"""FPR95 against brute force over every threshold, HardNet's reference code, and sklearn's ROC."""
+"""FPR95 against brute force over every threshold, HardNet's reference code and sklearn's ROC; ROC AUC and
+AP (sklearn inside) against brute force and closed forms; the HPatches AP against the benchmark's code."""
 
 import numpy as np
 import pytest
@@ -69,11 +70,10 @@ def test_rejects_missing_class():
         fpr_at_95_recall(np.ones(4), np.ones(4))
 
 
-# ---- ROC AUC and AP against scikit-learn and brute force ---------------------------------------
+# ---- ROC AUC and AP (scikit-learn's inside) against brute force and closed forms ----------------
 
 import itertools  # noqa: E402
-
-from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
+import math  # noqa: E402
 
 from pipeline.metrics import (  # noqa: E402
     average_precision,
@@ -94,18 +94,31 @@ def _tied_sample(seed, n=None):
     return d, labels
 
 
-@pytest.mark.parametrize("seed", range(15))
-def test_roc_auc_and_ap_agree_with_sklearn_with_ties(seed):
-    d, labels = _tied_sample(seed)
-    assert roc_auc(d, labels) == pytest.approx(roc_auc_score(labels, -d), abs=1e-12)
-    assert average_precision(d, labels) == pytest.approx(average_precision_score(labels, -d), abs=1e-12)
-
-
-def test_roc_auc_brute_force_pairs():
-    d, labels = _tied_sample(99, 60)
+def brute_force_auc(d, labels):
+    """P(d_pos < d_neg) + P(d_pos == d_neg) / 2 over every (positive, negative) pair."""
     pos, neg = d[labels == 1], d[labels == 0]
     wins = sum(1.0 if p < q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
-    assert roc_auc(d, labels) == pytest.approx(wins / (len(pos) * len(neg)))
+    return wins / (len(pos) * len(neg))
+
+
+def brute_force_ap(d, labels):
+    """Every distinct distance t in turn as the threshold (predict a match iff d <= t): precision and
+    recall there; AP = sum over thresholds of (recall gained) x precision."""
+    n_pos, ap, prev_recall = (labels == 1).sum(), 0.0, 0.0
+    for t in sorted(set(d.tolist())):
+        chosen = d <= t
+        tp = (chosen & (labels == 1)).sum()
+        recall, precision = tp / n_pos, tp / chosen.sum()
+        ap += (recall - prev_recall) * precision
+        prev_recall = recall
+    return ap
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_roc_auc_and_ap_match_brute_force_with_ties(seed):
+    d, labels = _tied_sample(seed)
+    assert roc_auc(d, labels) == pytest.approx(brute_force_auc(d, labels), abs=1e-12)
+    assert average_precision(d, labels) == pytest.approx(brute_force_ap(d, labels), abs=1e-12)
 
 
 def test_auc_ap_hand_computed():
@@ -118,12 +131,19 @@ def test_auc_ap_hand_computed():
     assert roc_auc(np.array([1.0, 1.0]), np.array([1, 0])) == pytest.approx(0.5)
 
 
-def test_vectorised_on_a_million_pairs():
+def test_a_million_pairs_against_closed_forms():
+    """Positives at U(0, 1), negatives at U(0.3, 1.3), as many of each: AUC = P(X < Y + 0.3) =
+    1 - 0.7^2 / 2; at 95% recall the threshold is 0.95, so FPR95 = 0.65; precision at recall r is
+    r / (r + max(0, r - 0.3)), so AP = 0.3 + [r/2 + 0.075 ln(2r - 0.3)] from 0.3 to 1 (the HPatches
+    trapezoid too, on this many pairs)."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 1_000_000)
     d = rng.random(1_000_000) + 0.3 * (1 - labels)
-    for f in (roc_auc, average_precision, hpatches_verification_map, fpr_at_95_recall):
-        assert 0.0 < f(d, labels) <= 1.0
+    ap = 0.3 + 0.35 + 0.075 * (math.log(1.7) - math.log(0.3))
+    assert roc_auc(d, labels) == pytest.approx(1 - 0.7**2 / 2, abs=2e-3)
+    assert fpr_at_95_recall(d, labels) == pytest.approx(0.65, abs=3e-3)
+    assert average_precision(d, labels) == pytest.approx(ap, abs=3e-3)
+    assert hpatches_verification_map(d, labels) == pytest.approx(ap, abs=3e-3)
 
 
 # ---- HPatches, against a loop-by-loop reading of hpatches-benchmark's python/utils ---------------

@@ -6,11 +6,12 @@ import functools
 import io
 
 import kornia.feature
+import numpy as np
 import pytest
 import torch
 
 from pipeline.losses import LOSSES, batch_loss
-from pipeline.models import DEFAULT_LOSS, create_model, list_models
+from pipeline.models import ModelInfo, create_model, list_models, model_info, model_options, register_model
 from pipeline.models.opencv import EXTRA, OPENCV_MODELS, opencv_available
 from pipeline.pca import fit_pca
 
@@ -154,14 +155,19 @@ def test_siamese_input_sizes_and_dim():
 @pytest.mark.parametrize("name", list_models())
 def test_conventions_shape_and_norm(name):
     model = fresh(name).eval()
-    assert isinstance(model.input_size, int) and isinstance(model.descriptor_dim, int)
-    assert model.kind in KINDS and isinstance(model.trainable, bool) and isinstance(model.unit_norm, bool)
-    assert (model.kind == "pair_classifier") == hasattr(model, "score")
+    info = model.info
+    assert info == model_info(name) and info.name == name
+    # the declared sizes are the default-configured model's
+    assert (model.input_size, model.descriptor_dim) == (info.input_size, info.descriptor_dim)
+    assert info.kind in KINDS and isinstance(info.trainable, bool) and isinstance(info.unit_norm, bool)
+    assert (info.kind == "pair_classifier") == hasattr(model, "score")
+    assert (info.pca == "own") == hasattr(model, "set_pca") == ("pca_dim" in model_options(name))
+    assert info.trainable == any(p.requires_grad for p in model.parameters())
     assert "Shape:" in type(model).__doc__
     x = torch.rand(5, 1, model.input_size, model.input_size)
     out = model(x)
     assert out.shape == (5, model.descriptor_dim)
-    if model.unit_norm:
+    if info.unit_norm:
         torch.testing.assert_close(out.norm(dim=1), torch.ones(5), rtol=1e-4, atol=1e-4)
     for bad in (torch.rand(5, 3, model.input_size, model.input_size), torch.rand(5, 1, 16, 16), torch.rand(1, 16, 16)):
         with pytest.raises(ValueError, match="expects patches of shape"):
@@ -170,13 +176,37 @@ def test_conventions_shape_and_norm(name):
 
 @pytest.mark.parametrize("name", list_models())
 def test_default_loss_is_known(name):
-    model = _template(name)
-    assert name in DEFAULT_LOSS
-    if model.trainable:
-        assert DEFAULT_LOSS[name] in LOSSES
-        assert (DEFAULT_LOSS[name] == "softmax_ce") == (model.kind == "pair_classifier")
+    info = model_info(name)
+    if info.trainable:
+        assert info.default_loss in LOSSES
+        assert (info.default_loss == "softmax_ce") == (info.kind == "pair_classifier")
     else:
-        assert DEFAULT_LOSS[name] is None
+        assert info.default_loss is None
+
+
+def test_registration_refuses_contradictory_metadata():
+    """The registry checks what a module declares when it registers, so a new architecture (or a
+    typo in one) fails at import with the model's name, not later inside a training run."""
+    from torch import nn
+
+    def declare(name, cls=None, **info):
+        fields = dict(input_size=32, descriptor_dim=8, default_loss="hardest_triplet", pca="attach", unit_norm=True)
+        cls = cls or type(f"Probe_{name}", (nn.Module,), {})
+        return register_model(name, ModelInfo(**{**fields, **info}))(cls)
+
+    with pytest.raises(ValueError, match="model 'probe-a': a trainable model needs a default_loss"):
+        declare("probe-a", default_loss=None)
+    with pytest.raises(ValueError, match="model 'probe-b': PCA heads are for trainable embedding models"):
+        declare("probe-b", kind="pair_classifier", default_loss="softmax_ce")
+    with pytest.raises(ValueError, match="model 'probe-c': default_loss must be one of"):
+        declare("probe-c", default_loss="hardest_tripplet")
+    with pytest.raises(ValueError, match="model 'probe-d': pca='own' needs a pca_dim option"):
+        declare("probe-d", pca="own")
+    with pytest.raises(ValueError, match="model 'hardnet' is registered twice"):
+        declare("hardnet")
+    with pytest.raises(TypeError, match="decorates an nn.Module class"):
+        register_model("probe-e", model_info("hardnet"))(lambda: None)
+    assert not {"probe-a", "probe-b", "probe-c", "probe-d", "probe-e"} & set(list_models())
 
 
 def _fixed_batch(model, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,11 +222,11 @@ def _own_loss(name, model, a, p) -> torch.Tensor:
     """The model's default loss on a batch; dropout masks and sampled negatives fixed by the seeds."""
     torch.manual_seed(123)
     fa, fp = model(a), model(p)
-    score = model.score if model.kind == "pair_classifier" else None
-    return batch_loss(DEFAULT_LOSS[name], fa, fp, margin=1.0, score=score, generator=torch.Generator().manual_seed(7))
+    score = model.score if model.info.kind == "pair_classifier" else None
+    return batch_loss(model_info(name).default_loss, fa, fp, margin=1.0, score=score, generator=torch.Generator().manual_seed(7))
 
 
-TRAINABLE = [n for n in list_models() if n not in OPENCV_MODELS and _template(n).trainable]
+TRAINABLE = [n for n in list_models() if model_info(n).trainable]  # from the metadata: no model (or cv2) needed
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
@@ -244,6 +274,22 @@ def test_state_dict_round_trip(name):
         assert torch.equal(model(x), other(x))
 
 
+def test_a_foreign_module_is_evaluated_as_an_embedding_of_its_patches():
+    """kornia's HardNet carries no ModelInfo: evaluation takes it as an embedding of the patches at the
+    size they come in (no resizing), and its pair distances are L2 distances."""
+    from pipeline.evaluate import describe, pair_distances
+    from pipeline.models import info_of
+
+    foreign = KORNIA["hardnet"]().eval()
+    assert info_of(foreign) is None and info_of(fresh("hardnet")) == model_info("hardnet")
+    pairs = torch.randint(0, 256, (6, 2, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    with torch.no_grad():
+        want = foreign(torch.from_numpy(pairs[:, 0]).float().div(255).unsqueeze(1)).numpy()
+    np.testing.assert_allclose(describe(foreign, pairs[:, 0]), want, atol=1e-5)
+    d = pair_distances(foreign, pairs)
+    np.testing.assert_allclose(d, np.linalg.norm(describe(foreign, pairs[:, 0]) - describe(foreign, pairs[:, 1]), axis=1), atol=1e-5)
+
+
 def test_unknown_model_lists_the_registry():
     with pytest.raises(KeyError, match="hardnet"):
         create_model("nope")
@@ -257,24 +303,20 @@ DOMAINS = {"grid", "choice", "uniform", "loguniform"}
 
 @pytest.mark.parametrize("name", list_models())
 def test_model_config_matches_the_code(name):
-    import inspect
-
     import yaml
-
-    from pipeline.models import _REGISTRY
 
     if name in OPENCV_MODELS:
         pytest.skip("OpenCV baselines have no config: they are evaluated, never trained or swept")
     cfg = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     model_kwargs = dict(cfg["model"])
     assert model_kwargs.pop("arch") == name
-    params = inspect.signature(_REGISTRY[name]).parameters
-    for key, value in model_kwargs.items():  # the YAML's defaults are the factory's defaults
-        assert key in params and params[key].default == value, f"{name}: model.{key}"
-    assert cfg["loss"]["name"] == DEFAULT_LOSS[name]
+    options = model_options(name)
+    for key, value in model_kwargs.items():  # the YAML's defaults are the model's defaults
+        assert key in options and options[key] == value, f"{name}: model.{key}"
+    assert cfg["loss"]["name"] == model_info(name).default_loss
     for key, domain in cfg["search_space"].items():
         section, _, field = key.partition(".")
         assert section in {"model", "loss", "train"} and field in cfg[section], f"{name}: {key} has no default"
         assert len(domain) == 1 and set(domain) <= DOMAINS, f"{name}: {key}"
-    if _template(name).trainable:
+    if model_info(name).trainable:
         assert {"lr", "lr_reference_batch", "batch_size", "momentum", "weight_decay"} <= set(cfg["train"])

@@ -8,12 +8,17 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.ray  # a 2-node Ray cluster of its own, in a subprocess
+
 SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.config import Config
+    from pipeline.hooks import RecordReads
     from pipeline.train import build_trainer, preflight
 
     shards, tmp = sys.argv[1], Path(sys.argv[2])
@@ -31,7 +36,7 @@ SCRIPT = textwrap.dedent('''
     })
     (tmp / "reads").mkdir()
     result = build_trainer(cfg, name="multinode", tracking_uri=cfg.mlflow.tracking_uri, mlflow_run_id=None,
-                           shard_urls=preflight(cfg), extra_loop_config={"record_reads_dir": str(tmp / "reads")}).fit()
+                           shard_urls=preflight(cfg), hooks=RecordReads(str(tmp / "reads"))).fit()
     # a path that one node cannot see is refused before anything starts (the probe stands in for a
     # node whose filesystem lacks the mount: every node of this one-machine cluster shares /tmp)
     from pipeline.cluster import check_shared_storage

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from pipeline.data.synthetic import load_image
+from pipeline.keypoints import keypoint_patches
 from pipeline.metrics import average_precision, fpr_at_95_recall
-from pipeline.models import DEFAULT_LOSS, create_model, list_models
+from pipeline.models import create_model, list_models, model_info
 from pipeline.models import opencv
 
 needs_cv2 = pytest.mark.skipif(not opencv.opencv_available(), reason=f"needs the [baselines] extra: {opencv.EXTRA}")
@@ -26,10 +27,10 @@ EVAL_PHOTOS = ("skimage:coins.png", "skimage:ihc.png")
 
 def test_registered_without_cv2_and_creating_one_names_the_extra():
     code = ("import sys; sys.modules['cv2'] = None\n"  # what `import cv2` does when it is not installed
-            "from pipeline.models import create_model, list_models, DEFAULT_LOSS\n"
+            "from pipeline.models import create_model, list_models, model_info\n"
             "names = [n for n in list_models() if n.startswith('opencv_')]\n"
             "assert names == ['opencv_boostdesc', 'opencv_sift', 'opencv_teblid', 'opencv_vgg'], names\n"
-            "assert all(DEFAULT_LOSS[n] is None for n in names)\n"
+            "assert not any(model_info(n).trainable or model_info(n).default_loss for n in names)\n"
             "create_model('opencv_vgg')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
@@ -40,14 +41,15 @@ def test_registered_without_cv2_and_creating_one_names_the_extra():
 
 def test_every_baseline_is_registered_as_untrained():
     assert set(NAMES) <= set(list_models())
-    assert all(DEFAULT_LOSS[n] is None for n in NAMES)
+    assert all(model_info(n).default_loss is None and not model_info(n).trainable for n in NAMES)
+    assert [model_info(n).descriptor_dim for n in NAMES] == [opencv.SPECS[n].dim for n in NAMES]
 
 
 @needs_cv2
 @pytest.mark.parametrize("name", NAMES)
 def test_shape_dtype_and_input_checks(name):
     model = create_model(name)
-    assert model.trainable is False and model.kind == "embedding" and list(model.parameters()) == []
+    assert model.info == model_info(name) and model.info.kind == "embedding" and list(model.parameters()) == []
     assert model.input_size == 32 and model.descriptor_dim == opencv.SPECS[name].dim
     x = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     out = model(x)
@@ -89,7 +91,7 @@ def test_training_config_refuses_a_baseline(tmp_path):
 def _photo_keypoints(ref: str, n: int = 60):
     img = np.rint(load_image(ref) * 255).astype(np.uint8)
     kps = opencv.detect_keypoints(img, n)
-    return img, kps, opencv.keypoint_patches(img, kps)
+    return img, kps, keypoint_patches(img, kps)
 
 
 @needs_cv2

@@ -16,8 +16,9 @@ from pipeline.data.stream import load_pairs
 from pipeline.evaluate import evaluate_pairs
 from pipeline.models import create_model
 from pipeline.registry import CHALLENGER, CHAMPION, promote, register_checkpoint
+from helpers import save_checkpoint
+from pipeline.evaluate import METRIC
 from pipeline.tracking import get_or_create_experiment
-from pipeline.train import METRIC, save_state
 
 
 @pytest.fixture(params=["server", "sqlite"])
@@ -25,13 +26,6 @@ def tracking(request, tmp_path):
     if request.param == "server":
         return request.getfixturevalue("mlflow_server")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def checkpoint(folder, model, cfg):
-    folder.mkdir()
-    save_state(folder, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, step=0,
-               mlflow_run_id=None, cfg=cfg)
-    return str(folder)
 
 
 def test_promotion_is_gated_idempotent_and_reevaluated(tracking, synthetic_shards, tmp_path, monkeypatch):
@@ -52,13 +46,13 @@ def test_promotion_is_gated_idempotent_and_reevaluated(tracking, synthetic_shard
     good_fpr = evaluate_pairs(good, pairs, labels)[METRIC]
     assert good_fpr < 1.0
 
-    v1 = register_checkpoint(cfg, checkpoint(tmp_path / "bad", bad, cfg), run_id, eval_pairs=(pairs, labels))
+    v1 = register_checkpoint(cfg, save_checkpoint(tmp_path / "bad", bad, cfg), run_id, eval_pairs=(pairs, labels))
     first = promote(name, pairs, labels, tracking_uri=tracking)
     assert first.promoted and first.reason == "there was no champion" and first.challenger_fpr95 == 1.0
     again = promote(name, pairs, labels, tracking_uri=tracking)
     assert not again.promoted and again.reason == "the challenger is already the champion"
 
-    v2 = register_checkpoint(cfg, checkpoint(tmp_path / "good", good, cfg), run_id, eval_pairs=(pairs, labels))
+    v2 = register_checkpoint(cfg, save_checkpoint(tmp_path / "good", good, cfg), run_id, eval_pairs=(pairs, labels))
     aliases = lambda: {a: str(client.get_model_version_by_alias(name, a).version) for a in (CHAMPION, CHALLENGER)}  # noqa: E731
     assert aliases() == {CHAMPION: v1.version, CHALLENGER: v2.version}
 

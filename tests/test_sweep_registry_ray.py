@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from pipeline import load_descriptor
 from pipeline.data.shards import shard_paths
 from pipeline.data.stream import load_pairs
-from pipeline.evaluate import evaluate_pairs
+from pipeline.checkpoint import model_from_checkpoint
+from pipeline.evaluate import METRIC, evaluate_pairs
 from pipeline.registry import promote, register_checkpoint
-from pipeline.train import METRIC, model_from_checkpoint
 from pipeline.tune import effect_of, run_sweep
 from helpers import small_config
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.train import METRIC
+from pipeline.evaluate import METRIC
 
 
 def _children(client, parent_id):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from mlflow.tracking import MlflowClient
 
+from helpers import checkpoint_fpr95, small_config, untrained_fpr95
+from pipeline.checkpoint import load_state
+from pipeline.evaluate import METRIC
+from pipeline.hooks import DumpParams
 from pipeline.tracking import get_or_create_experiment
-from helpers import small_config
-from pipeline.train import METRIC, build_trainer, load_state
+from pipeline.train import build_trainer
 
 
 def test_ddp_ranks_stay_in_sync_and_report_every_epoch(ray_cluster, synthetic_shards, tmp_path, tracking_uri):
@@ -17,9 +20,13 @@ def test_ddp_ranks_stay_in_sync_and_report_every_epoch(ray_cluster, synthetic_sh
     dump = tmp_path / "params"
     dump.mkdir()
     result = build_trainer(cfg, name="ddp-sync", tracking_uri=tracking_uri, mlflow_run_id=run_id,
-                           extra_loop_config={"dump_params_dir": str(dump)}).fit()
+                           hooks=DumpParams(str(dump))).fit()
 
-    assert result.metrics["epoch"] == 2 and 0.0 <= result.metrics[METRIC] <= 1.0
+    assert result.metrics["epoch"] == 2
+    # 10 steps on 2 ranks already separate matching from non-matching pairs better than the
+    # initial weights do (0.556 against 0.587 when measured), and the figure is the checkpoint's
+    assert result.metrics[METRIC] < untrained_fpr95(cfg)
+    assert result.metrics[METRIC] == checkpoint_fpr95(result.checkpoint.path, cfg)
     for epoch in range(2):
         r0 = torch.load(dump / f"rank0-epoch{epoch}.pt")
         r1 = torch.load(dump / f"rank1-epoch{epoch}.pt")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.train import METRIC
+from pipeline.evaluate import METRIC
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train.yaml"
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import register_model
+from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -22,6 +22,8 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     ]
 
 
+@register_model("hardnet", ModelInfo(input_size=32, descriptor_dim=128, default_loss="hardest_triplet", pca="attach",
+                                     unit_norm=True))
 class HardNet(nn.Module):
     """HardNet descriptor of grayscale patches.
 
@@ -30,12 +32,6 @@ class HardNet(nn.Module):
 
     Shape: ``(B, 1, 32, 32) -> (B, 128)``, rows of unit L2 norm.
     """
-
-    input_size = 32
-    descriptor_dim = 128
-    kind = "embedding"
-    trainable = True
-    unit_norm = True
 
     def __init__(self, dropout: float = 0.3) -> None:
         super().__init__()
@@ -60,15 +56,6 @@ class HardNet(nn.Module):
         return (x - mean.detach()) / (std.detach() + eps)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        if patches.ndim != 4 or tuple(patches.shape[1:]) != (1, self.input_size, self.input_size):
-            raise ValueError(
-                f"HardNet expects patches of shape (B, 1, {self.input_size}, {self.input_size}), "
-                f"got {tuple(patches.shape)}"
-            )
+        check_patches(patches, self.input_size, "HardNet")
         x = self.features(self._normalize_input(patches))
         return F.normalize(x.flatten(1), dim=1)
-
-
-@register_model("hardnet")
-def hardnet(dropout: float = 0.3) -> HardNet:
-    return HardNet(dropout=dropout)

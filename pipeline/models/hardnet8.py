@@ -5,7 +5,7 @@ Layer layout and state-dict keys are those of ``kornia.feature.HardNet8`` (tests
 both directions of loading and equal outputs). kornia stores its PCA as ``components`` of shape
 ``(512, dim)`` (its forward computes ``(x - mean) @ components``); this module keeps that layout so a
 kornia checkpoint (e.g. ``hardnet8v2.pt``) loads unchanged. That is the transpose of
-``pipeline.pca``'s scikit-learn layout ``(dim, 512)``: ``set_pca`` takes the latter and transposes.
+``pipeline.models.pca_head``'s scikit-learn layout ``(dim, 512)``: ``set_pca`` takes the latter and transposes.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import check_patches, register_model
 from pipeline.models.hardnet import _conv_bn_relu
-from pipeline.pca import project
+from pipeline.models.pca_head import project
+from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 FEATURE_DIM = 512
 
 
+@register_model("hardnet8", ModelInfo(input_size=32, descriptor_dim=128, default_loss="hardest_triplet", pca="own",
+                                      unit_norm=True))
 class HardNet8(nn.Module):
     """HardNet8 descriptor of grayscale patches (standardised per patch, like HardNet).
 
@@ -29,11 +31,6 @@ class HardNet8(nn.Module):
     With ``pca_dim`` set, the PCA buffers start as kornia's placeholder (keep the first ``pca_dim``
     of the 512 features) until ``set_pca`` installs a fitted projection.
     """
-
-    input_size = 32
-    kind = "embedding"
-    trainable = True
-    unit_norm = True
 
     def __init__(self, pca_dim: int | None = 128, dropout: float = 0.3) -> None:
         super().__init__()
@@ -78,7 +75,7 @@ class HardNet8(nn.Module):
 
     @torch.no_grad()
     def set_pca(self, components: torch.Tensor, mean: torch.Tensor) -> None:
-        """Install a fitted PCA, ``components`` in ``pipeline.pca``'s ``(dim, 512)`` layout; ``dim`` may
+        """Install a fitted PCA, ``components`` in ``pipeline.pca.fit_pca``'s ``(dim, 512)`` layout; ``dim`` may
         differ from the current ``pca_dim`` (the buffers are replaced and ``descriptor_dim`` follows)."""
         if components.ndim != 2 or components.shape[1] != FEATURE_DIM or mean.shape != (FEATURE_DIM,):
             raise ValueError(f"expected components (dim, {FEATURE_DIM}) and mean ({FEATURE_DIM},), got {tuple(components.shape)}, {tuple(mean.shape)}")
@@ -86,8 +83,3 @@ class HardNet8(nn.Module):
         self.register_buffer("components", components.t().contiguous().float().to(device))
         self.register_buffer("mean", mean.float().to(device))
         self.pca_dim = self.descriptor_dim = components.shape[0]
-
-
-@register_model("hardnet8")
-def hardnet8(pca_dim: int | None = 128, dropout: float = 0.3) -> HardNet8:
-    return HardNet8(pca_dim=pca_dim, dropout=dropout)

@@ -3,7 +3,11 @@
 Layout: 3x3 convs 32, 32, 64/2, 64, 128/2, 128, each BatchNorm(affine=False) + ReLU, then an 8x8
 conv to 128 + BatchNorm(affine=False), L2 normalised; patches are standardised per patch first. The
 state-dict keys are HardNet's except that the final conv is ``features.18`` (HardNet's dropout sits
-at index 18). L2-Net's own training loss is not reproduced (see ``pipeline.models.DEFAULT_LOSS``).
+at index 18).
+
+L2-Net's own loss (relative-distance softmax + compactness + intermediate-map terms) is not
+reproduced: it trains with the plain triplet margin loss on random in-batch negatives, which also
+makes it HardNet's ablation (same body, no hard mining).
 """
 
 from __future__ import annotations
@@ -12,21 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import check_patches, register_model
 from pipeline.models.hardnet import HardNet, _conv_bn_relu
+from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
+@register_model("l2net", ModelInfo(input_size=32, descriptor_dim=128, default_loss="triplet_random", pca="attach",
+                                   unit_norm=True))
 class L2Net(nn.Module):
     """L2-Net descriptor of grayscale patches.
 
     Shape: ``(B, 1, 32, 32) -> (B, 128)``, rows of unit L2 norm.
     """
-
-    input_size = 32
-    descriptor_dim = 128
-    kind = "embedding"
-    trainable = True
-    unit_norm = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,8 +48,3 @@ class L2Net(nn.Module):
         check_patches(patches, self.input_size, "L2Net")
         x = self.features(HardNet._normalize_input(patches))
         return F.normalize(x.flatten(1), dim=1)
-
-
-@register_model("l2net")
-def l2net() -> L2Net:
-    return L2Net()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models import check_patches, register_model
+from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
+@register_model("matchnet", ModelInfo(input_size=64, descriptor_dim=64 * 8 * 8, default_loss="softmax_ce", pca="none",
+                                      unit_norm=False, kind="pair_classifier"))
 class MatchNet(nn.Module):
     """MatchNet tower + metric network.
 
@@ -24,12 +26,6 @@ class MatchNet(nn.Module):
     Shape: ``forward``: ``(B, 1, 64, 64) -> (B, 4096)`` tower features (not normalised);
     ``score``: ``(B, 4096), (B, 4096) -> (B, 2)`` logits, index 1 = match.
     """
-
-    input_size = 64
-    descriptor_dim = 64 * 8 * 8
-    kind = "pair_classifier"
-    trainable = True
-    unit_norm = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,8 +68,3 @@ class MatchNet(nn.Module):
         ``1 - match_probability`` but without the softmax's saturation (ties at p = 1 in float32)."""
         logits = self.score(f1, f2)
         return logits[:, 0] - logits[:, 1]
-
-
-@register_model("matchnet")
-def matchnet() -> MatchNet:
-    return MatchNet()

@@ -20,8 +20,8 @@ The window rule is measured, not tuned on any evaluation set (``benchmarks/openc
 OpenCV SIFT keypoints detected on scikit-image's bundled training photographs, each descriptor
 computed on the full image at the keypoint (its documented setting for SIFT keypoints: TEBLID,
 BoostDesc and VGG with ``scale_factor`` 6.75), the patch cut the way ``pipeline.data.sequences``
-cuts it (LAF radius ``mr_size`` x sigma = 3 x ``size``, the keypoint's orientation,
-``extract_patches_from_pyramid``, 32x32), then the canvas descriptor compared with the full-image
+cuts it (``pipeline.keypoints.keypoint_patches``: LAF radius ``mr_size`` x sigma = 3 x ``size``, the
+keypoint's orientation, ``extract_patches_from_pyramid``, 32x32), then the canvas descriptor compared with the full-image
 one (mean cosine similarity; for the binary ones the fraction of equal bits) over window multiples
 0.5 .. 2 and upsampling 1, 2, 4 (figures in benchmarks/README.md, "opencv_window.py"). Measured on
 1579 keypoints (2026-12-01): the best window is 1.0 x the patch for SIFT (agreement 0.960) and
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.models import DEFAULT_LOSS, check_patches, register_model
+from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 EXTRA = 'pip install "patchflow[baselines]"'
 PATCH = 32  # the patches' side; the canvas rule below was measured for it
@@ -190,24 +190,6 @@ def detect_keypoints(image: np.ndarray, max_keypoints: int) -> list:
     return [cv2.KeyPoint(k.pt[0], k.pt[1], k.size, k.angle, k.response, k.octave, i) for i, k in enumerate(kept)]
 
 
-def keypoint_patches(image: np.ndarray, keypoints: list, patch_size: int = PATCH) -> np.ndarray:
-    """uint8 patches (N, P, P) of OpenCV keypoints cut the way ``pipeline.data.sequences`` cuts them:
-    LAF radius ``mr_size`` x sigma (sigma = size / 2), the keypoint's orientation,
-    ``extract_patches_from_pyramid``. OpenCV's angle turns clockwise in image coordinates (y down):
-    the direction each descriptor turns into its +x axis becomes the patch's +x axis."""
-    from pipeline.data.sequences import PARAMS, extract
-
-    if not keypoints:
-        return np.zeros((0, patch_size, patch_size), np.uint8)
-    radius = PARAMS["mr_size"] * np.array([k.size for k in keypoints]) / 2
-    a = np.deg2rad([k.angle for k in keypoints])
-    lafs = np.zeros((len(keypoints), 2, 3))
-    lafs[:, 0, 0], lafs[:, 0, 1], lafs[:, 1, 0], lafs[:, 1, 1] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
-    lafs[:, :, :2] *= radius[:, None, None]
-    lafs[:, :, 2] = [k.pt for k in keypoints]
-    return extract(torch.from_numpy(image.astype(np.float32) / 255)[None, None], lafs, patch_size)
-
-
 def agreement(name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per row of two descriptor arrays of ``name``: the fraction of equal bits (binary descriptors)
     or the cosine similarity."""
@@ -249,12 +231,7 @@ class OpenCVDescriptor(nn.Module):
     Shape: ``(B, 1, 32, 32) -> (B, D)``.
     """
 
-    input_size = PATCH
-    descriptor_dim: int
-    kind = "embedding"
-    trainable = False
-    unit_norm = False
-    name: str
+    name: str  # the registered name, a key of SPECS
 
     def __init__(self) -> None:
         super().__init__()
@@ -276,7 +253,6 @@ class OpenCVSIFT(OpenCVDescriptor):
     before renormalising, rounded), not rescaled.
     """
 
-    descriptor_dim = 128
     name = "opencv_sift"
 
 
@@ -286,7 +262,6 @@ class OpenCVVGG(OpenCVDescriptor):
     Shape: ``(B, 1, 32, 32) -> (B, 120)``; OpenCV's raw projections (``dsc_normalize=False``).
     """
 
-    descriptor_dim = 120
     name = "opencv_vgg"
 
 
@@ -296,7 +271,6 @@ class OpenCVBoostDesc(OpenCVDescriptor):
     Shape: ``(B, 1, 32, 32) -> (B, 256)``; bits as 0/1 floats (L2 distance = sqrt(Hamming)).
     """
 
-    descriptor_dim = 256
     name = "opencv_boostdesc"
 
 
@@ -306,10 +280,9 @@ class OpenCVTEBLID(OpenCVDescriptor):
     Shape: ``(B, 1, 32, 32) -> (B, 256)``; bits as 0/1 floats (L2 distance = sqrt(Hamming)).
     """
 
-    descriptor_dim = 256
     name = "opencv_teblid"
 
 
-for _cls in (OpenCVSIFT, OpenCVVGG, OpenCVBoostDesc, OpenCVTEBLID):
-    register_model(_cls.name)(_cls)
-    DEFAULT_LOSS[_cls.name] = None  # fixed baselines: never trained
+for _cls in (OpenCVSIFT, OpenCVVGG, OpenCVBoostDesc, OpenCVTEBLID):  # fixed baselines: never trained
+    register_model(_cls.name, ModelInfo(input_size=PATCH, descriptor_dim=SPECS[_cls.name].dim, default_loss=None, pca="none",
+                                        unit_norm=False, trainable=False))(_cls)

@@ -8,13 +8,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models import check_patches, register_model
+from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
 def _block(cin: int, cout: int, dropout: float) -> list[nn.Module]:
     return [nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, kernel_size=3), nn.ReLU(), nn.BatchNorm2d(cout), nn.Dropout2d(dropout)]
 
 
+@register_model("siamese", ModelInfo(input_size=32, descriptor_dim=128, default_loss="contrastive", pca="attach",
+                                     unit_norm=False))
 class Siamese(nn.Module):
     """Siamese-CNN embedding of [0, 1] grayscale patches.
 
@@ -23,10 +25,6 @@ class Siamese(nn.Module):
 
     Shape: ``(B, 1, S, S) -> (B, D)``, S = ``input_size`` (32 or 64), D = ``descriptor_dim``.
     """
-
-    kind = "embedding"
-    trainable = True
-    unit_norm = False
 
     def __init__(self, input_size: int = 32, descriptor_dim: int = 128, dropout: float = 0.2) -> None:
         super().__init__()
@@ -44,8 +42,3 @@ class Siamese(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         check_patches(patches, self.input_size, "Siamese")
         return self.fc(self.cnn(patches).flatten(1))
-
-
-@register_model("siamese")
-def siamese(input_size: int = 32, descriptor_dim: int = 128, dropout: float = 0.2) -> Siamese:
-    return Siamese(input_size=input_size, descriptor_dim=descriptor_dim, dropout=dropout)

@@ -10,21 +10,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models import check_patches, register_model
 from pipeline.models.hardnet import _conv_bn_relu
+from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
+@register_model("sosnet", ModelInfo(input_size=32, descriptor_dim=128, default_loss="hardest_triplet", pca="attach",
+                                    unit_norm=True))
 class SOSNet(nn.Module):
     """SOSNet descriptor of grayscale patches.
 
     Shape: ``(B, 1, 32, 32) -> (B, 128)``, rows of unit L2 norm.
     """
-
-    input_size = 32
-    descriptor_dim = 128
-    kind = "embedding"
-    trainable = True
-    unit_norm = True
 
     def __init__(self, dropout: float = 0.1) -> None:
         super().__init__()
@@ -48,8 +44,3 @@ class SOSNet(nn.Module):
         check_patches(patches, self.input_size, "SOSNet")
         # kornia adds eps to every entry before the norm: it keeps an all-zero descriptor defined.
         return self.desc_norm(self.layers(patches) + eps).flatten(1)
-
-
-@register_model("sosnet")
-def sosnet(dropout: float = 0.1) -> SOSNet:
-    return SOSNet(dropout=dropout)

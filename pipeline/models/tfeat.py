@@ -8,21 +8,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models import check_patches, register_model
+from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
+@register_model("tfeat", ModelInfo(input_size=32, descriptor_dim=128, default_loss="triplet_random", pca="attach",
+                                   unit_norm=False))
 class TFeat(nn.Module):
     """TFeat descriptor of grayscale patches (InstanceNorm first, so the intensity range is free).
 
     Shape: ``(B, 1, 32, 32) -> (B, 128)``; entries in [-1, 1] (final tanh), rows NOT unit norm, as in
     the reference implementation: the triplet margin is on these raw distances.
     """
-
-    input_size = 32
-    descriptor_dim = 128
-    kind = "embedding"
-    trainable = True
-    unit_norm = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,8 +35,3 @@ class TFeat(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         check_patches(patches, self.input_size, "TFeat")
         return self.descr(self.features(patches).flatten(1))
-
-
-@register_model("tfeat")
-def tfeat() -> TFeat:
-    return TFeat()

@@ -12,6 +12,7 @@ from torch import nn
 
 from pipeline.device import DevicePlan
 from pipeline.evaluate import SiftBaseline
+from pipeline.models import info_of
 
 SIFT_NAME = "sift (kornia)"
 
@@ -35,7 +36,8 @@ def on_device(model: nn.Module, plan: DevicePlan | None) -> nn.Module:
 
 def is_pair_classifier(model: nn.Module) -> bool:
     """MatchNet-like: its own metric network, not the L2 distance, compares two descriptors."""
-    return getattr(model, "kind", "embedding") == "pair_classifier"
+    info = info_of(model)
+    return info is not None and info.kind == "pair_classifier"
 
 
 @torch.no_grad()
