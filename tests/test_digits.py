@@ -130,11 +130,11 @@ def test_example_config_learns_digits_better_than_raw_pixels(ray_cluster, tmp_pa
     import torch
     from mlflow.tracking import MlflowClient
 
+    from pipeline.checkpoint import build_model, model_from_checkpoint
     from pipeline.cli import main
     from pipeline.config import load_config, parse_overrides
     from pipeline.evaluate import pair_distances
     from pipeline.registry import load_descriptor, register_checkpoint
-    from pipeline.train import build_model, model_from_checkpoint
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
