@@ -17,6 +17,11 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+MIX_HELP = ("share the split's pairs among pair constructions, e.g. dog-oriented=2,harris-upright=1,"
+            "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough]); "
+            "default: all dog-oriented")
+CONSTRUCTION_HELP = ("how pairs are cut (pipeline.data.sequences.CONSTRUCTIONS): dog-oriented, dog-upright, harris-upright, "
+                     "hessian-upright, hpatches-easy|hard|tough, or <detector>-<orientation>[-<jitter>]")
 REDETECT_HELP = "positives only where the detector finds the point again in image k (PhotoTour's criterion; easier pairs)"
 
 
@@ -33,7 +38,22 @@ def cmd_shards(args) -> int:
     if args.source == "synthetic":
         from pipeline.data.synthetic import generate_synthetic
 
-        manifest = generate_synthetic(args.out, train_pairs=args.train_pairs, eval_pairs=args.eval_pairs, **common)
+        from pipeline.data.shards import ShardError
+        from pipeline.data.synthetic import parse_mix
+
+        mixes = {}
+        for flag, text in (("train_mix", args.train_mix), ("eval_mix", args.eval_mix)):
+            try:
+                mixes[flag] = parse_mix(text) if text else None
+            except ValueError as e:  # a usage error: one line, before anything is written
+                raise ShardError(f"--{flag.replace('_', '-')}: {e}") from None
+        manifest = generate_synthetic(args.out, train_pairs=args.train_pairs, eval_pairs=args.eval_pairs, **mixes,
+                                      **common)
+    elif args.source == "digits":
+        from pipeline.data.digits import digits_to_shards
+
+        manifest = digits_to_shards(args.out, eval_fraction=args.eval_fraction, train_pairs=args.train_pairs,
+                                    eval_pairs=args.eval_pairs, **common)
     elif args.source == "phototour":
         from pipeline.data.phototour import phototour_to_shards
 
@@ -49,7 +69,8 @@ def cmd_shards(args) -> int:
         from pipeline.data.sequences import sequence_to_shards
 
         manifest = sequence_to_shards(args.roots, args.out, split=args.split, eval_dirs=args.eval_dirs,
-                                      pairs_per_sequence=args.pairs_per_sequence, redetect=args.redetect, **common)
+                                      pairs_per_sequence=args.pairs_per_sequence, redetect=args.redetect,
+                                      construction=args.construction, **common)
     counts = ", ".join(f"{v['pairs']} {k} pairs in {len(v['shards'])} shard(s)" for k, v in manifest["splits"].items())
     print(f"[patchflow] wrote {counts} to {Path(args.out).resolve()} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -116,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn = source.add_parser("synthetic", help="pairs from synthetic image sequences: bundled photographs under random viewpoints and light")
     syn.add_argument("--train-pairs", type=int, default=20000)
     syn.add_argument("--eval-pairs", type=int, default=4000)
+    syn.add_argument("--train-mix", metavar="NAME=W,...", help=MIX_HELP)
+    syn.add_argument("--eval-mix", metavar="NAME=W,...", help=MIX_HELP)
     pt = source.add_parser("phototour", help="UBC PhotoTour: a folder of patchesNNNN.bmp + info.txt + m50 files, or torchvision's .pt")
     pt.add_argument("root", type=Path)
     pt.add_argument("--split", choices=["train", "eval", "both"], default="both")
@@ -136,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--eval-dirs", type=Path, nargs="*")
     im.add_argument("--pairs-per-sequence", type=int)
     im.add_argument("--redetect", action="store_true", help=REDETECT_HELP)
-    for p in (syn, pt, hp, im):
+    im.add_argument("--construction", default="dog-oriented", help=CONSTRUCTION_HELP)
+    dg = source.add_parser("digits", help="pairs of scikit-learn's bundled 8x8 handwritten digits at 32x32 (the Siamese example)")
+    dg.add_argument("--train-pairs", type=int, default=20000)
+    dg.add_argument("--eval-pairs", type=int, default=2000)
+    dg.add_argument("--eval-fraction", type=float, default=0.25, help="share of each digit's images held out for eval")
+    for p in (syn, pt, hp, im, dg):
         p.add_argument("--out", required=True, type=Path)
         p.add_argument("--patch-size", type=int, default=32)
         p.add_argument("--pairs-per-block", type=int, default=256)

@@ -22,6 +22,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.stream import load_eval_pairs, load_eval_split
 from pipeline.evaluate import METRIC, pair_distances, pca_dimension_curve, pca_fit_patches
 from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
+from pipeline.models import create_model, list_models, model_info
 from pipeline.models.sift import SIFT
 from pipeline.pca import attach_pca, pca_head_dim
 from pipeline.protocols.common import SIFT_NAME, text_table
@@ -37,9 +38,15 @@ def _say(line: str) -> None:
 
 
 def load_model(spec: str) -> torch.nn.Module:
-    """An MLflow model URI (models:/name@alias, runs:/...) or a training checkpoint folder."""
+    """An MLflow model URI (models:/name@alias, runs:/...), a training checkpoint folder, or the
+    registry name of an untrained baseline (``sift``, ``opencv_vgg``, ...: nothing to load)."""
     if Path(spec).is_dir():
         return model_from_checkpoint(spec)[0]
+    if spec in list_models():
+        if model_info(spec).trainable:
+            raise ConfigError(f"--model {spec}: a trainable architecture needs its weights: give a checkpoint folder "
+                              f"or a registered model (models:/patchflow-{spec}@champion)")
+        return create_model(spec).eval()
     return load_descriptor(spec)
 
 

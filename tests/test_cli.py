@@ -56,3 +56,29 @@ def test_evaluate_command_on_real_graf(tmp_path, monkeypatch, capsys):
                          rf"\s+{m['sift/ap']:.4f}", out), out
         assert re.search(rf"{re.escape(ckpt)}\s+{m['model1/fpr95']:.4f}\s", out)
         assert f"{run.data.params['pairs']} pairs" in out and run.info.run_id in out
+
+
+def test_shards_digits_and_synthetic_mix_commands(tmp_path, capsys):
+    """`shards digits` writes the digits example's shards; a synthetic mix is recorded in the
+    manifest; a bad mix is one line and exit 2 with nothing written."""
+    assert main(["shards", "digits", "--out", str(tmp_path / "dg"), "--train-pairs", "512", "--eval-pairs", "256"]) == 0
+    assert load_manifest(tmp_path / "dg")["source"] == "digits"
+    capsys.readouterr()  # the conversion's progress output
+    assert main(["shards", "synthetic", "--out", str(tmp_path / "bad"), "--train-mix", "dog-sideways=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--train-mix" in err and "dog-sideways" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_model_spec_names_an_untrained_baseline(tmp_path):
+    """`--model sift` / `--model opencv_sift` need no weights; a trainable name without weights is
+    refused with a pointer to what to pass."""
+    import pytest
+
+    from pipeline.config import ConfigError
+    from pipeline.workflow import load_model
+
+    x = torch.rand(4, 1, 32, 32)
+    torch.testing.assert_close(load_model("sift")(x), create_model("sift")(x))
+    with pytest.raises(ConfigError, match="needs its weights"):
+        load_model("hardnet")
