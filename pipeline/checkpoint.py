@@ -21,7 +21,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 
 def save_state(
-    directory: Path, *, model, optimizer, epoch: int, step: int, mlflow_run_id: str | None, cfg: Config, pca=None
+    directory: Path, *, model, optimizer, epoch: int, step: int, mlflow_run_id: str | None, cfg: Config, pca=None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     torch.save(
         {
@@ -32,6 +33,7 @@ def save_state(
             "step": step,
             "mlflow_run_id": mlflow_run_id,
             "config": cfg.model_dump(mode="json"),
+            **(extra or {}),  # e.g. a time-budgeted run's step plan (pipeline.train)
         },
         directory / CHECKPOINT_FILE,
     )

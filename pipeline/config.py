@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.budget import parse_duration
 from pipeline.device import gpu_count
 from pipeline.losses import DEFAULT_MARGIN, LossName
 from pipeline.models import create_model, list_models, model_info, model_options
@@ -90,10 +91,21 @@ class LossConfig(_Strict):
     mc_xi: int = Field(4, ge=1, description="MC-Loss channels per group of the last conv maps")
 
 
+def _duration(value: Any) -> float | None:
+    """``train.time_budget_s``: seconds or a string with units; the message says what is expected
+    (the error line adds the value found)."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError("a positive duration: seconds, or a string like '2h', '90m', '1h30m'") from None
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=2, description="pairs per rank per step (hardest-in-batch needs >= 2)")
-    batches_per_epoch: int = Field(50, ge=1, description="optimizer steps per epoch, the same on every rank")
+    batches_per_epoch: int = Field(50, ge=1, description="optimizer steps per epoch, the same on every rank (derived instead with time_budget_s)")
     lr: float = Field(0.1, gt=0.0)
     lr_reference_batch: int | None = Field(None, ge=1, description="lr is for this batch size; scaled linearly to batch_size")
     lr_schedule: Literal["linear_to_zero", "constant"] = "linear_to_zero"
@@ -105,6 +117,11 @@ class TrainConfig(_Strict):
     augment_scale: float = Field(0.0, ge=0.0, lt=0.5, description="independent zoom of each patch by up to this fraction")
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (None = CPUs per worker)")
+    time_budget_s: Annotated[float | None, BeforeValidator(_duration)] = Field(
+        None, description="wall-clock budget of the run (seconds, or '2h', '90m', '1h30m'): the run measures its speed "
+                          "and derives batches_per_epoch so that the lr schedule ends when the budget does (pipeline.budget)")
+    budget_warmup_steps: int = Field(3, ge=0, description="time_budget_s: steps before the speed is measured (start-up costs)")
+    budget_probe_steps: int = Field(10, ge=1, description="time_budget_s: steps whose mean time plans the run")
 
 
 class ScalingConfig(_Strict):

@@ -7,10 +7,15 @@ every epoch rank 0 evaluates FPR95 on the eval shards with the unwrapped module 
 one rank would wait for the others), the figure is shared with every rank, and all ranks call
 ``ray.train.report`` (rank 0 with the checkpoint). The checkpoint carries model, optimizer, step
 and the MLflow run id, so a restart continues the same run at the same step.
+
+With ``train.time_budget_s`` the first epoch runs until rank 0 has timed its steps; it then plans
+``batches_per_epoch`` (``pipeline.budget``), every rank takes rank 0's plan, and the checkpoint
+carries the plan so that a restarted run keeps its schedule.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import tempfile
@@ -23,18 +28,25 @@ import torch
 import torch.distributed as dist
 
 from pipeline.augment import fliprot, make_jitter
+from pipeline.budget import StepPlan, StepTimer, format_duration, plan_steps
 from pipeline.checkpoint import build_model, load_state, save_state
 from pipeline.config import Config
 from pipeline.data.shards import shard_paths, verify_checksums
 from pipeline.data.stream import check_shard_count, load_eval_split, train_loader
 from pipeline.device import DevicePlan, plan_for
-from pipeline.evaluate import METRIC, evaluate_pairs, fit_descriptor_pca
+from pipeline.evaluate import METRIC, PCA_FIT_PAIRS, evaluate_pairs, fit_descriptor_pca, pair_distances
 from pipeline.hooks import TrainHooks
 from pipeline.objectives import PairObjective
 from pipeline.pca import attach_pca, pca_head_dim
 from pipeline.tracking import RunLogger
 
 log = logging.getLogger(__name__)
+
+# The first epoch of a budgeted run reads until the plan says where it ends.
+UNPLANNED = 2**31 - 1
+# Per epoch, on top of the timed evaluation and checkpoint write: Ray persisting the checkpoint,
+# the report round trip and the next epoch's loader start (measured ~0.3-0.6 s on 2 CPUs).
+EPOCH_ALLOWANCE_S = 1.0
 
 
 @dataclass
@@ -74,6 +86,10 @@ class _Worker:
         else:
             self.optimizer = torch.optim.Adam(model.parameters(), lr=self.base_lr, weight_decay=t.weight_decay)
         self.start_epoch, self.step, self.run_id = 0, 0, loop_config.get("mlflow_run_id")
+        # The budget's clock started when the trainer was built; a resumed run goes on from the
+        # time its checkpoint had used (the time it was down does not count).
+        self.budget_start = loop_config.get("budget_start") or time.time()
+        self.step_plan: StepPlan | None = None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
@@ -82,6 +98,9 @@ class _Worker:
             self.optimizer.load_state_dict(state["optimizer"])
             self.start_epoch, self.step = state["epoch"] + 1, state["step"]
             self.run_id = state["mlflow_run_id"] or self.run_id
+            if state.get("plan"):
+                self.step_plan = StepPlan.from_dict(state["plan"])
+                self.budget_start = time.time() - state["budget_elapsed_s"]
         self.loss_rng = torch.Generator().manual_seed(t.seed * 7919 + self.rank)  # in-batch negatives
         # DDP wraps the objective (model + loss), so everything the loss uses is inside one forward.
         self.objective = ray.train.torch.prepare_model(PairObjective(model, cfg.model.arch, cfg.loss, self.loss_rng))
@@ -90,7 +109,14 @@ class _Worker:
         urls = loop_config.get("shard_urls") or {s: shard_paths(cfg.data.shards, s) for s in ("train", "eval")}
         self.train_urls = urls["train"]
         check_shard_count(len(self.train_urls), self.world, cfg.data.loader_workers)
-        self.total_steps = t.epochs * t.batches_per_epoch
+        # Steps per epoch: configured, or planned from measured speed (the first epoch times its
+        # steps; a checkpoint without a plan keeps the configured count).
+        self.timer = StepTimer(t.budget_warmup_steps, t.budget_probe_steps) if (
+            t.time_budget_s and self.step_plan is None and checkpoint is None) else None
+        self.batches_per_epoch: int | None = None if self.timer else t.batches_per_epoch
+        if self.step_plan is not None:
+            self.batches_per_epoch = self.step_plan.batches_per_epoch
+        self.first_batch_s = 0.0
         self.logger = RunLogger(loop_config["tracking_uri"], self.run_id) if self.rank == 0 else None
         # A resumed run can restart from an earlier checkpoint than its last logged epoch, or from none
         # at all (killed before Ray recorded the first checkpoint): epochs already in MLflow are kept.
@@ -100,9 +126,75 @@ class _Worker:
         self.augment_rng = torch.Generator().manual_seed(t.seed * 1000 + self.rank)
         self.jitter = make_jitter(t.augment_rotation_deg, t.augment_scale)
 
+    @property
+    def total_steps(self) -> int | None:
+        """None while a budgeted run is still timing its first steps."""
+        return None if self.batches_per_epoch is None else self.cfg.train.epochs * self.batches_per_epoch
+
     def _lr(self) -> float:
-        decay = (1.0 - self.step / self.total_steps) if self.cfg.train.lr_schedule == "linear_to_zero" else 1.0
-        return self.base_lr * decay
+        # The probe steps of a budgeted run, before the plan exists, run at the base lr (their
+        # decay, 1 - step/total_steps, would differ from 1 by a few per mille).
+        linear = self.cfg.train.lr_schedule == "linear_to_zero" and self.total_steps is not None
+        return self.base_lr * ((1.0 - self.step / self.total_steps) if linear else 1.0)
+
+    def budget_elapsed_s(self) -> float:
+        return time.time() - self.budget_start
+
+    def _estimate_eval_s(self) -> float:
+        """Rank 0: one epoch-end evaluation + checkpoint, from a timed evaluation of a slice of the
+        eval pairs scaled to all of them (and to the PCA fit's patches, when a head is fitted), a
+        timed checkpoint write and ``EPOCH_ALLOWANCE_S``."""
+        n = len(self.eval_labels)
+        k = min(n, 2 * self.plan.eval_batch_size)
+        was_training = self.model.training
+        t0 = time.perf_counter()
+        pair_distances(self.model, self.eval_pairs[:k], self.plan)
+        per_pair = (time.perf_counter() - t0) / k
+        self.model.train(was_training)  # a pair classifier's distance leaves it in eval mode
+        fits_pca = pca_head_dim(self.model) is not None or self.cfg.model.attached_pca_dim is not None
+        t0 = time.perf_counter()
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, io.BytesIO())
+        save_s = time.perf_counter() - t0
+        return per_pair * (n + (PCA_FIT_PAIRS if fits_pca else 0)) + save_s + self.first_batch_s + EPOCH_ALLOWANCE_S
+
+    def _plan(self, steps_done: int) -> None:
+        """Fix batches_per_epoch from rank 0's timing; every rank takes rank 0's plan (one broadcast,
+        at the same step on every rank), and rank 0 logs it to MLflow."""
+        t = self.cfg.train
+        fields = torch.zeros(8, dtype=torch.float64)
+        if self.rank == 0:
+            eval_s = self._estimate_eval_s()
+            p = plan_steps(budget_s=t.time_budget_s, elapsed_s=self.budget_elapsed_s(), steps_done=steps_done,
+                           step_s=self.timer.step_s, eval_s=eval_s, epochs=t.epochs, pairs_per_step=t.batch_size * self.world)
+            fields = torch.tensor([p.budget_s, p.epochs, p.batches_per_epoch, p.step_s, p.pairs_per_s, p.eval_s,
+                                   p.elapsed_s, p.steps_done], dtype=torch.float64)
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            fields = fields.to(self.plan.device)
+            dist.broadcast(fields, src=0)
+            fields = fields.cpu()
+        v = fields.tolist()
+        self.step_plan = StepPlan(budget_s=v[0], epochs=int(v[1]), batches_per_epoch=int(v[2]), step_s=v[3],
+                                  pairs_per_s=v[4], eval_s=v[5], elapsed_s=v[6], steps_done=int(v[7]))
+        self.batches_per_epoch, self.timer = self.step_plan.batches_per_epoch, None
+        if self.rank == 0:
+            p = self.step_plan
+            log.info("time budget %s: %d epochs x %d batches (%.0f pairs/s measured, %.1f s per epoch-end eval)%s",
+                     format_duration(p.budget_s), p.epochs, p.batches_per_epoch, p.pairs_per_s, p.eval_s,
+                     "" if p.fits else f"; the shortest plan ends at {format_duration(p.projected_s)}, over the budget")
+            self.logger.metrics(p.mlflow_metrics(), step=0)
+
+    def plan_state(self) -> dict[str, Any]:
+        """The checkpoint's part: the plan and the budget time used so far (a resumed run keeps both)."""
+        if self.step_plan is None:
+            return {}
+        return {"plan": self.step_plan.as_dict(), "budget_elapsed_s": self.budget_elapsed_s()}
+
+    def budget_metrics(self) -> dict[str, float]:
+        """What each epoch's report adds: the planned epochs and steps, and with a budget the time left."""
+        out = {"planned_epochs": self.cfg.train.epochs, "planned_steps": self.total_steps}
+        if self.step_plan is not None:
+            out["budget_left_s"] = self.step_plan.budget_s - self.budget_elapsed_s()
+        return out
 
     def train_epoch(self, epoch: int) -> EpochStats:
         cfg, rank = self.cfg, self.rank
@@ -119,13 +211,17 @@ class _Worker:
             world_size=self.world,
             epoch=epoch,
             batch_size=cfg.train.batch_size,
-            batches_per_epoch=cfg.train.batches_per_epoch,
+            batches_per_epoch=self.batches_per_epoch or UNPLANNED,
             shuffle_buffer=cfg.data.shuffle_buffer,
             seed=cfg.train.seed,
         )
         self.objective.train()
         stats, t0 = EpochStats(lr=self._lr()), time.perf_counter()
+        if self.timer is not None:
+            self.timer.start()
         for batch in loader:
+            if self.timer is not None and stats.batches == 0:
+                self.first_batch_s = time.perf_counter() - t0  # the loader's start, paid again every epoch
             self.hooks.on_batch(batch, rank=rank)
             pairs = batch["pairs"]
             stats.skipped += batch["skipped"]
@@ -147,6 +243,10 @@ class _Worker:
             self.step += 1
             stats.loss_sum += loss.item()
             stats.batches += 1
+            if self.timer is not None and self.timer.step_done(stats.batches):
+                self._plan(stats.batches)
+            if stats.batches == self.batches_per_epoch:
+                break  # a planned first epoch (its loader was opened without an end)
         stats.seconds = time.perf_counter() - t0
         return stats
 
@@ -185,6 +285,7 @@ class _Worker:
             "mlflow_run_id": self.run_id or "",
             "lr": stats.lr,
             "pairs_per_s": stats.batches * self.cfg.train.batch_size * world / stats.seconds if stats.seconds > 0 else math.nan,
+            **self.budget_metrics(),
         }
         self.hooks.end_of_epoch(rank=rank, epoch=epoch, model=self.model)
         if rank != 0:
@@ -192,11 +293,35 @@ class _Worker:
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_state(Path(tmp), model=self.model, optimizer=self.optimizer, epoch=epoch, step=self.step,
-                       mlflow_run_id=self.run_id, cfg=self.cfg, pca=pca)
+                       mlflow_run_id=self.run_id, cfg=self.cfg, pca=pca, extra=self.plan_state())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         # Epochs are deterministic (seeded per epoch), so a re-run epoch's figures are the same.
         if epoch + 1 not in self.logged_epochs:
             self.logger.metrics(metrics, step=epoch + 1)
+
+
+def epoch_line(label: str, metrics: dict[str, Any]) -> str:
+    """The console's line for one reported epoch (rank 0's metrics): where the run is, its speed,
+    its eval FPR95 and, with a budget, the time left."""
+    parts = [f"epoch {metrics['epoch']}/{metrics.get('planned_epochs', '?')}"]
+    if metrics.get("planned_steps"):
+        parts.append(f"step {metrics['step']}/{metrics['planned_steps']}")
+    parts += [f"{metrics.get('pairs_per_s', math.nan):.0f} pairs/s", f"eval FPR95 {metrics[METRIC]:.4f}"]
+    if metrics.get("budget_left_s") is not None:
+        parts.append(f"{format_duration(metrics['budget_left_s'])} of the budget left")
+    return f"[patchflow] {label}: " + ", ".join(parts)
+
+
+def epoch_lines(label: str, relay) -> Any:
+    """A Ray Train callback sending ``epoch_line`` for every report to ``relay``
+    (``pipeline.cluster.line_relay``): it runs in the Train controller actor, not in this process."""
+    from ray.train import UserCallback
+
+    class EpochLines(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            relay.add.remote(epoch_line(label, metrics[0]))
+
+    return EpochLines()
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -249,6 +374,7 @@ def build_trainer(
             "mlflow_run_id": mlflow_run_id,
             "shard_urls": shard_urls,
             "hooks": hooks,
+            "budget_start": time.time(),  # train.time_budget_s counts from here (workers' start-up included)
         },
         torch_config=TorchConfig(backend=plan.ddp_backend),
         scaling_config=ScalingConfig(

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 # Bottom-up. A module may import from its own layer (if that makes no cycle) and from layers below.
 LAYERS: list[set[str]] = [
-    {"device", "metrics", "losses", "mcloss", "augment", "tracking", "hooks"},  # no pipeline imports
+    {"device", "metrics", "losses", "mcloss", "augment", "tracking", "hooks", "budget"},  # no pipeline imports
     {"models"},  # the registry (a leaf) and the architectures; the PCA head module
     {"pca", "data", "config"},  # fitting a PCA; shards and streams; typed configuration
     {"objectives", "evaluate", "plots", "export", "cluster", "protocols", "keypoints"},
