@@ -90,11 +90,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Training commands: MLflow's INFO lines (database set-up, model registration) only with --verbose;
+    Ray's output is pipeline.cluster.quiet_ray's."""
+    if not verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def cmd_train(args) -> int:
     from pipeline.evaluate import METRIC
     from pipeline.workflow import train
 
-    out = train(_load(args))
+    _quiet_libraries(args.verbose)
+    out = train(_load(args), verbose=args.verbose)
     print(f"[patchflow] run {out.name}: {METRIC}={out.metrics.get(METRIC):.4f} after {out.metrics.get('epoch')} epoch(s)")
     print(f"[patchflow] checkpoint: {out.checkpoint_path}; MLflow run {out.mlflow_run_id} at {out.tracking_uri}")
     return 0
@@ -104,8 +112,9 @@ def cmd_sweep(args) -> int:
     from pipeline.config import load_sweep, parse_overrides
     from pipeline.workflow import sweep
 
+    _quiet_libraries(args.verbose)
     configs = None if args.resume or args.config is None else load_sweep(args.config, parse_overrides(args.set or []))
-    report = sweep(configs, resume_id=args.resume, register=not args.no_register)
+    report = sweep(configs, resume_id=args.resume, register=not args.no_register, verbose=args.verbose)
     print("\n" + report.leaderboard)
     print(f"\n(on {report.eval_pairs} eval pairs; sweep {report.sweep_id}; MLflow {report.tracking_uri}, "
           f"parent run {report.parent_run_id}; {report.seconds:.0f} s)")
@@ -200,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=name == "train", type=Path)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=5")
+        p.add_argument("--verbose", action="store_true",
+                       help="also show Ray's own output (workers' logs, Tune's status table); otherwise it stays in Ray's log files")
         if name == "sweep":
             p.add_argument("--no-register", action="store_true", help="skip registration / champion gating")
             p.add_argument("--resume", metavar="SWEEP_ID", help="continue an interrupted sweep (found in $MLFLOW_TRACKING_URI or ./mlflow.db): finished trials are kept")

@@ -1,9 +1,13 @@
-"""Connecting to (or starting) Ray, in one place."""
+"""Connecting to (or starting) Ray, in one place; what of Ray's output reaches the console."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import logging
 import os
+import threading
+from typing import Callable, Iterator
 
 TRIAL_SLOT = "trial_slot"  # custom resource that Tune trial drivers hold instead of a CPU
 
@@ -50,24 +54,134 @@ def _running_cluster() -> str | None:
     return None
 
 
-def init_ray(address: str | None = None) -> None:
+# Messages the raylet pushes to every driver that say nothing about the run: the worker-pool warning
+# fires on 2 CPUs whenever a sweep starts more actors (trial drivers, Train controllers, workers)
+# than CPUs. raylet.out has it either way.
+RAYLET_CHATTER = ("worker processes have been started on node",)
+DRIVER_LOG = "patchflow-driver.log"  # Ray's Python log lines of the driver, in the session's logs folder
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Keep Ray's own output off the console unless ``verbose``; call before Ray starts.
+
+    Quiet: the workers' and actors' stdout and stderr (Ray Train's set-up lines, the C++ core
+    workers' errors such as the Train controller's ``PreemptionWatcher ... max_restarts > 0``) stay
+    in the session's log files (``log_to_driver=False`` in ``init_ray``); Ray's Python loggers in
+    this process print errors only and write everything to ``<session>/logs/patchflow-driver.log``
+    (``divert_ray_logs``); Tune's progress output is off (``RAY_AIR_NEW_OUTPUT=0`` with the
+    Tuner's ``verbose=0``: Ray 2.60's new output engine prints its experiment box even at 0);
+    the raylet's worker-pool warning is dropped (``RAYLET_CHATTER``). Verbose: all of it, with
+    ``RAY_DEDUP_LOGS`` folding the same line from N workers into one."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if verbose:
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for handler in logging.getLogger("ray").handlers:  # Ray's own console handler (the logger does not propagate)
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+    import ray._private.worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is not None and not getattr(printer, "patchflow_filtered", False):
+        def filtered(data: dict, ignore_prefix: bool) -> None:
+            lines = [line for line in data.get("lines", []) if not any(c in line for c in RAYLET_CHATTER)]
+            if lines:
+                printer({**data, "lines": lines}, ignore_prefix)
+
+        filtered.patchflow_filtered = True
+        ray_worker.print_to_stdstream = filtered  # the driver's error-listener thread looks it up by name
+
+
+def divert_ray_logs() -> str | None:
+    """After Ray started: Ray's Python log lines of this process (INFO and up) also go to a file in
+    the session's logs folder, whose path is returned (None when the session has no local folder)."""
+    log_dir = ray_log_dir()
+    if log_dir is None:
+        return None
+    path = os.path.join(log_dir, DRIVER_LOG)
+    ray_logger = logging.getLogger("ray")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in ray_logger.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger.addHandler(handler)
+    return path
+
+
+def init_ray(address: str | None = None, *, verbose: bool = True) -> None:
     """Join ``address`` / $RAY_ADDRESS / a running ``ray start`` cluster; otherwise start a local
-    Ray with this machine's CPUs and one trial slot per CPU (see ``pipeline.tune`` for why)."""
+    Ray with this machine's CPUs and one trial slot per CPU (see ``pipeline.tune`` for why).
+    ``verbose=False`` keeps the workers' output in Ray's log files (``quiet_ray``)."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet_ray(verbose)
     address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address:
-        ray.init(address=address)
-        return
-    cpus = os.cpu_count() or 1
-    # Ray Train's controller polls its workers every 2 s, so each run sat up to ~3 s idle after
-    # its last report before fit() returned: per trial, a sweep paid it again. The local cluster's
-    # processes inherit this environment; a cluster joined above keeps its own setting.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ray.init(address="local", num_cpus=cpus, resources={TRIAL_SLOT: cpus}, include_dashboard=True, log_to_driver=True)
-    pin_cluster_address()
+        ray.init(address=address, log_to_driver=verbose)
+    else:
+        cpus = os.cpu_count() or 1
+        # Ray Train's controller polls its workers every 2 s, so each run sat up to ~3 s idle after
+        # its last report before fit() returned: per trial, a sweep paid it again. The local cluster's
+        # processes inherit this environment; a cluster joined above keeps its own setting.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        ray.init(address="local", num_cpus=cpus, resources={TRIAL_SLOT: cpus}, include_dashboard=True,
+                 log_to_driver=verbose)
+        pin_cluster_address()
+    if not verbose:
+        divert_ray_logs()
+
+
+def ray_log_dir() -> str | None:
+    """Where this session's Ray processes write their logs (None before Ray starts)."""
+    import ray
+
+    try:
+        path = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except AttributeError:  # a Ray Client connection: the logs are on the cluster's nodes (``ray logs``)
+        return None
+    return path if os.path.isdir(path) else None
+
+
+@contextlib.contextmanager
+def line_relay(say: Callable[[str], None], poll_s: float = 0.5) -> Iterator[object]:
+    """Lines produced in other Ray processes, printed here: yields a handle whose ``add.remote(line)``
+    queues a line (a Ray Train callback runs in the Train controller actor, whose stdout only
+    reaches this console with ``log_to_driver``). A thread prints what arrived every ``poll_s``; the
+    rest is printed on exit."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Lines:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def add(self, line: str) -> None:
+            self.lines.append(line)
+
+        def take(self) -> list[str]:
+            out, self.lines = self.lines, []
+            return out
+
+    handle = Lines.remote()
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.wait(poll_s):
+            for line in ray.get(handle.take.remote()):
+                say(line)
+
+    thread = threading.Thread(target=pump, name="patchflow-progress", daemon=True)
+    thread.start()
+    try:
+        yield handle
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(ray.exceptions.RayError):  # Ray went down with the run: no lines left to show
+            for line in ray.get(handle.take.remote()):
+                say(line)
+            ray.kill(handle)
 
 
 def _marker_visible(path: str) -> bool:

@@ -21,13 +21,14 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+from pipeline.budget import format_duration
 from pipeline.cluster import TRIAL_SLOT, init_ray
 from pipeline.config import Config, ConfigError, SearchDomain, SweepConfig
 from pipeline.evaluate import METRIC
 from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
-from pipeline.train import build_trainer, preflight
+from pipeline.train import build_trainer, epoch_line, preflight
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,32 @@ def _outcome(result, mlflow_runs: dict[str, str]) -> TrialOutcome:
     )
 
 
-def _new_tuner(cfg: Config, sweep: SweepConfig, trainable, concurrent: int, name: str):
+def _trial_lines(arch: str, say: Callable[[str], None]):
+    """A Tune callback (it runs in this process) printing one line per trial and epoch, and one
+    when a trial ends early (ASHA) or fails: the console's view of a sweep instead of Tune's table."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def __init__(self) -> None:
+            self.last: dict[str, dict] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            self.last[trial.trial_id] = result
+            say(epoch_line(f"{arch} {trial.trial_id}", result))
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            last = self.last.get(trial.trial_id, {})
+            if last and last.get("epoch", 0) < last.get("planned_epochs", 0):
+                say(f"[patchflow] {arch} {trial.trial_id}: stopped by ASHA after epoch {last['epoch']}/{last['planned_epochs']}")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            say(f"[patchflow] {arch} {trial.trial_id}: failed; its error is in {trial.error_file or trial.local_path}")
+
+    return TrialLines()
+
+
+def _new_tuner(cfg: Config, sweep: SweepConfig, trainable, concurrent: int, name: str, *, verbose: bool = False,
+               callbacks: list | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -200,7 +226,9 @@ def _new_tuner(cfg: Config, sweep: SweepConfig, trainable, concurrent: int, name
             num_samples=sweep.num_samples,
             max_concurrent_trials=limit,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=str(cfg.run.storage_path), verbose=1),
+        # verbose=0: no status table every 30 s; the callbacks print one line per trial and epoch
+        run_config=tune.RunConfig(name=name, storage_path=str(cfg.run.storage_path), verbose=1 if verbose else 0,
+                                  callbacks=callbacks),
     )
 
 
@@ -245,9 +273,13 @@ def run_sweep(
     parent_run_id: str | None = None,
     resume: bool = False,
     shard_urls: dict[str, list[str]] | None = None,
+    verbose: bool = True,
+    progress: Callable[[str], None] = print,
 ) -> SweepResult:
     """One architecture's Tune run. Without ``parent_run_id`` it is a sweep of its own (its
-    parent run is created and closed here); with one, it is that sweep's part for ``model.arch``."""
+    parent run is created and closed here); with one, it is that sweep's part for ``model.arch``.
+    ``progress`` gets one line per trial and epoch; ``verbose=False`` keeps Tune's status table
+    and Ray's own output off the console (``pipeline.cluster.quiet_ray``)."""
     from mlflow.tracking import MlflowClient
     import ray
     from ray import tune
@@ -263,12 +295,13 @@ def run_sweep(
     parent_id = start_parent_run(cfg, sweep_id, [cfg]) if owns_parent else parent_run_id
     parent_log = RunLogger(tracking_uri, parent_id)
 
-    init_ray()
+    init_ray(verbose=verbose)
     resources = ray.cluster_resources()
     concurrent = max_concurrent_trials(sweep, cfg, resources)
     n_trials = sweep.num_samples * math.prod(len(d.grid) for d in sweep.search_space.values() if d.grid is not None)
-    print(f"[patchflow] sweep {sweep_id} / {arch}: {n_trials} trial(s), {concurrent} at a time, "
-          f"{sweep.workers_per_trial} worker(s) each; MLflow parent run {parent_id}", flush=True)
+    budget = f", {format_duration(cfg.train.time_budget_s)} each" if cfg.train.time_budget_s else ""
+    progress(f"[patchflow] sweep {sweep_id} / {arch}: {n_trials} trial(s), {concurrent} at a time, "
+             f"{sweep.workers_per_trial} worker(s) each{budget}; MLflow parent run {parent_id}")
 
     trial_resources = {"cpu": 0, TRIAL_SLOT: 1} if TRIAL_SLOT in resources else {"cpu": 0}
     trainable = tune.with_resources(
@@ -287,10 +320,12 @@ def run_sweep(
     if resume and tune.Tuner.can_restore(experiment_path):
         # finished trials keep their results; unfinished ones restart, and their TorchTrainer
         # (same run name) continues from its latest checkpoint
-        print(f"[patchflow] resuming {experiment_path}", flush=True)
+        progress(f"[patchflow] resuming {experiment_path}")
+        # the restored Tuner has its pickled RunConfig: the same verbosity and progress lines
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, restart_errored=True)
     else:
-        tuner = _new_tuner(cfg, sweep, trainable, concurrent, f"{sweep_id}-{arch}")
+        tuner = _new_tuner(cfg, sweep, trainable, concurrent, f"{sweep_id}-{arch}", verbose=verbose,
+                           callbacks=[_trial_lines(arch, progress)])
     try:
         grid = tuner.fit()
     except BaseException:

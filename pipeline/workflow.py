@@ -62,13 +62,14 @@ class TrainOutcome:
     checkpoint_path: str | None
 
 
-def train(cfg: Config) -> TrainOutcome:
+def train(cfg: Config, *, verbose: bool = False, progress: Progress = _say) -> TrainOutcome:
     """One training run. Re-running with the same ``run.name`` resumes the Ray Train run and logs
-    into the same MLflow run."""
+    into the same MLflow run. ``progress`` gets one line per epoch; ``verbose`` shows Ray's own
+    output too (otherwise in its log files)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.cluster import init_ray
-    from pipeline.train import build_trainer, preflight
+    from pipeline.cluster import init_ray, line_relay, ray_log_dir
+    from pipeline.train import build_trainer, epoch_lines, preflight
 
     shard_urls = preflight(cfg)
     name = cfg.run.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -81,15 +82,23 @@ def train(cfg: Config) -> TrainOutcome:
     ).info.run_id
     if not existing:
         RunLogger(uri, run_id).params(cfg.model_dump(mode="json"))
-    init_ray()
-    trainer = build_trainer(cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id, shard_urls=shard_urls)
+    init_ray(verbose=verbose)
+    _say_where_logs_are(verbose, ray_log_dir(), progress)
     try:
-        result = trainer.fit()
+        with line_relay(progress) as relay:
+            trainer = build_trainer(cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id, shard_urls=shard_urls,
+                                    callbacks=[epoch_lines(name, relay)])
+            result = trainer.fit()
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return TrainOutcome(name, run_id, uri, dict(result.metrics), result.checkpoint.path if result.checkpoint else None)
+
+
+def _say_where_logs_are(verbose: bool, log_dir: str | None, progress: Progress) -> None:
+    if not verbose:
+        progress(f"[patchflow] Ray's own output: {log_dir or 'the cluster nodes (ray logs)'} (--verbose shows it here)")
 
 
 # ---- sweep ---------------------------------------------------------------------------------------
@@ -194,15 +203,18 @@ def sweep(
     *,
     resume_id: str | None = None,
     register: bool = True,
+    verbose: bool = False,
     progress: Progress = _say,
 ) -> SweepReport:
     """One Tune run per architecture (``configs``, from ``load_sweep``), under one MLflow parent run;
     then each architecture's best trial (with the best PCA head of ``sweep.pca_dims``) is registered
     and put through the promotion gate, SIFT is scored on the same eval pairs, and the parent run gets
     the plots and the leaderboard. ``resume_id`` continues an interrupted sweep instead (its configs
-    come from its parent run; finished trials are kept)."""
+    come from its parent run; finished trials are kept). ``progress`` gets one line per trial and
+    epoch; ``verbose`` adds Tune's status table and Ray's own output (otherwise in its log files)."""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.cluster import init_ray, ray_log_dir
     from pipeline.train import preflight
 
     t0 = time.perf_counter()
@@ -220,9 +232,12 @@ def sweep(
     pairs, labels, _ = load_eval_split(first.data, verified[0]["eval"])
     uri = resolve_tracking_uri(first.mlflow.tracking_uri)
     client = MlflowClient(uri)
+    init_ray(verbose=verbose)
+    _say_where_logs_are(verbose, ray_log_dir(), progress)
     reports, curves = [], {}
     for cfg, shard_urls in zip(configs, verified):
-        result = run_sweep(cfg, sweep_id=sweep_id, parent_run_id=parent_id, resume=bool(resume_id), shard_urls=shard_urls)
+        result = run_sweep(cfg, sweep_id=sweep_id, parent_run_id=parent_id, resume=bool(resume_id), shard_urls=shard_urls,
+                           verbose=verbose, progress=progress)
         arch = cfg.model.arch
         report = ArchitectureReport(arch, result, result.best)
         progress(f"[patchflow] {arch}: best trial {report.best.trial_id} ({report.best_params}): "

@@ -4,6 +4,7 @@ not re-run, unfinished ones continue from their checkpoints in their own MLflow 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,14 @@ sweep:
     resumed = subprocess.run(cmd + ["--resume", sweep_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming sweep {sweep_id}" in resumed.stdout
+    # the console: one line per trial and epoch (the restored Tuner kept its callback), no status
+    # table, none of Ray's own output
+    lines = re.findall(r"^\[patchflow\] hardnet (\w+): epoch (\d)/3, step \d+/12, \d+ pairs/s, eval FPR95 [01]\.\d{4}$",
+                       resumed.stdout, re.M)
+    assert lines and all(epoch == "3" for _, epoch in lines[-1:]), resumed.stdout
+    for chatter in ("Trial status", "Configuration for experiment", "RayTrainWorker", "TrainController", "core_worker",
+                    "(raylet)"):
+        assert chatter not in resumed.stdout + resumed.stderr, (chatter, resumed.stdout[-2000:], resumed.stderr[-2000:])
 
     children = _children(client, parent_id)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children), (

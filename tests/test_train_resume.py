@@ -4,6 +4,7 @@ run from its checkpoint and logs into the same MLflow run; a new name starts fre
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,11 @@ def test_killed_train_resumes_under_the_same_name(synthetic_shards, ray_cluster,
 
     again = subprocess.run(cmd + ["--set", "run.name=resumable"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
+    # the console: one line per epoch the resumed run trained, and none of Ray's own output
+    epochs = re.findall(r"^\[patchflow\] resumable: epoch (\d)/3, step \d+/12, \d+ pairs/s, eval FPR95 [01]\.\d{4}$", again.stdout, re.M)
+    assert epochs and epochs[-1] == "3", again.stdout
+    for chatter in ("RayTrainWorker", "TrainController", "core_worker", "(raylet)"):
+        assert chatter not in again.stdout + again.stderr, (chatter, again.stdout[-2000:], again.stderr[-2000:])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, METRIC)) == [1, 2, 3]  # resumed, no duplicates
