@@ -104,9 +104,9 @@ def test_shipped_config_loads_as_its_command_loads_it(path, tmp_path):
 
 
 @pytest.mark.parametrize("typo, expected", [
-    (("train.batches_per_epoch: 20, train.batch_size: 64", "train.batches_per_epoch: 20, train.batchsize: 64"),
+    (("train.batch_size: 64, train.time_budget_s: 25", "train.batchsize: 64, train.time_budget_s: 25"),
      "sweep.architectures.l2net.overrides: unknown key 'train.batchsize': train has epochs, batch_size,"),
-    (("train.batches_per_epoch: 20, train.batch_size: 64", "train.batches_per_epoch: 20, train.batch_size: 1"),
+    (("train.batch_size: 64, train.time_budget_s: 25", "train.batch_size: 1, train.time_budget_s: 25"),
      "(sweep.architectures.l2net over l2net.yaml): train.batch_size: expected greater than or equal to 2, got 1"),
     (("loss.margin: {grid: [0.5, 1.0]}", "loss.margn: {grid: [0.5, 1.0]}"),
      "sweep.architectures.tfeat.search_space: unknown key 'loss.margn'"),
