@@ -307,8 +307,9 @@ def epoch_line(label: str, metrics: dict[str, Any]) -> str:
     if metrics.get("planned_steps"):
         parts.append(f"step {metrics['step']}/{metrics['planned_steps']}")
     parts += [f"{metrics.get('pairs_per_s', math.nan):.0f} pairs/s", f"eval FPR95 {metrics[METRIC]:.4f}"]
-    if metrics.get("budget_left_s") is not None:
-        parts.append(f"{format_duration(metrics['budget_left_s'])} of the budget left")
+    left = metrics.get("budget_left_s")
+    if left is not None:
+        parts.append(f"{format_duration(left)} of the budget left" if left >= 0 else f"{format_duration(-left)} over the budget")
     return f"[patchflow] {label}: " + ", ".join(parts)
 
 

@@ -130,6 +130,9 @@ def test_epoch_line_says_where_the_run_is():
     assert line == ("[patchflow] hardnet 5a1f_00000: epoch 2/3, step 640/960, 651 pairs/s, eval FPR95 0.2213, "
                     "1m35s of the budget left")
     assert "budget" not in epoch_line("x", {"epoch": 1, "planned_epochs": 1, "step": 5, "eval_fpr95": 0.5})
+    # start-up and the minimum first epoch can outlast a short budget (a loaded machine): said as such
+    assert epoch_line("x", {"epoch": 1, "planned_epochs": 1, "planned_steps": 13, "step": 13, "pairs_per_s": 54.0,
+                            "eval_fpr95": 0.9182, "budget_left_s": -63.1}).endswith("1m03s over the budget")
 
 
 @dataclass
