@@ -18,7 +18,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 MIX_HELP = ("share the split's pairs among pair constructions, e.g. dog-oriented=2,harris-upright=1,"
-            "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough]); "
+            "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough], "
+            "hpatches-easy|hard|tough), or 'varied' (the demo's preset: pipeline.data.synthetic.NAMED_MIXES); "
             "default: all dog-oriented")
 CONSTRUCTION_HELP = ("how pairs are cut (pipeline.data.sequences.CONSTRUCTIONS): dog-oriented, dog-upright, harris-upright, "
                      "hessian-upright, hpatches-easy|hard|tough, or <detector>-<orientation>[-<jitter>]")
@@ -44,7 +45,7 @@ def cmd_shards(args) -> int:
         mixes = {}
         for flag, text in (("train_mix", args.train_mix), ("eval_mix", args.eval_mix)):
             try:
-                mixes[flag] = parse_mix(text) if text else None
+                mixes[flag] = parse_mix(text, flag.split("_")[0]) if text else None
             except ValueError as e:  # a usage error: one line, before anything is written
                 raise ShardError(f"--{flag.replace('_', '-')}: {e}") from None
         manifest = generate_synthetic(args.out, train_pairs=args.train_pairs, eval_pairs=args.eval_pairs, **mixes,
