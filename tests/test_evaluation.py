@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
@@ -277,15 +278,25 @@ def ubc(tmp_path_factory) -> Path:
     return root
 
 
-def test_phototour_command_prints_what_it_logged(ubc, tmp_path, monkeypatch, capsys):
+def run_command(args: list[str], tmp_path: Path, monkeypatch, capsys) -> tuple[str, Run]:
+    """``patchflow evaluate ...`` in ``tmp_path`` with the default local store: what it printed, its run."""
     from pipeline.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert main(["evaluate", "--phototour", str(ubc), "--split", "liberty", "--no-baselines", "--model", "opencv_sift"]) == 0
+    assert main(["evaluate", *args]) == 0
     out = capsys.readouterr().out
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("patchflow-evaluation").experiment_id])
+    return out, run
+
+
+def test_phototour_command_prints_what_it_logged(ubc, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    out, run = run_command(["--phototour", str(ubc), "--split", "liberty", "--no-baselines", "--model", "opencv_sift"],
+                           tmp_path, monkeypatch, capsys)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.data.params["split"] == "liberty" and run.data.params["data"] == str(ubc)
     assert run.data.params["data_sha256"] == sha256_of_folder(ubc / "liberty") and run.info.run_id in out
     rows = table_rows(out, "model")
@@ -308,12 +319,9 @@ def test_hpatches_command_prints_what_it_logged(release, tmp_path, monkeypatch, 
 
     root, _ = release
     hpatches_tasks(root, "full", verification_pairs=300, retrieval_queries=12, retrieval_distractors=25).write(root / "tasks")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert main(["evaluate", "--hpatches", str(root), "--split", "full", "--no-baselines", "--model", "opencv_sift"]) == 0
-    out = capsys.readouterr().out
+    out, run = run_command(["--hpatches", str(root), "--split", "full", "--no-baselines", "--model", "opencv_sift"],
+                           tmp_path, monkeypatch, capsys)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("patchflow-evaluation").experiment_id])
     p, m = run.data.params, run.data.metrics
     assert (p["protocol"], p["split"], p["task_source.verification"]) == ("hpatches", "full", str(root / "tasks"))
     rows = table_rows(out, "model")
