@@ -18,10 +18,15 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 MIX_HELP = ("share the split's pairs among pair constructions, e.g. dog-oriented=2,harris-upright=1,"
-            "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough]); "
+            "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough], "
+            "hpatches-easy|hard|tough), or 'varied' (the demo's preset: pipeline.data.synthetic.NAMED_MIXES); "
             "default: all dog-oriented")
 CONSTRUCTION_HELP = ("how pairs are cut (pipeline.data.sequences.CONSTRUCTIONS): dog-oriented, dog-upright, harris-upright, "
                      "hessian-upright, hpatches-easy|hard|tough, or <detector>-<orientation>[-<jitter>]")
+GATE_HELP = ("re-evaluate champion and challenger on a benchmark instead of the eval split: images:DIR[:METRIC] "
+             "(mma@3px default, homography@3px, fpr95@<construction>), phototour:DIR[:fpr95[@<scene>]], "
+             "hpatches:DIR[:<verification|matching|retrieval>[@<split>]] (matching@a default); "
+             "e.g. --gate images:data/oxford_graf")
 REDETECT_HELP = "positives only where the detector finds the point again in image k (PhotoTour's criterion; easier pairs)"
 
 
@@ -44,7 +49,7 @@ def cmd_shards(args) -> int:
         mixes = {}
         for flag, text in (("train_mix", args.train_mix), ("eval_mix", args.eval_mix)):
             try:
-                mixes[flag] = parse_mix(text) if text else None
+                mixes[flag] = parse_mix(text, flag.split("_")[0]) if text else None
             except ValueError as e:  # a usage error: one line, before anything is written
                 raise ShardError(f"--{flag.replace('_', '-')}: {e}") from None
         manifest = generate_synthetic(args.out, train_pairs=args.train_pairs, eval_pairs=args.eval_pairs, **mixes,
@@ -77,12 +82,33 @@ def cmd_shards(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """FPR95 and AP of each model and of kornia's SIFT on real pairs from an image sequence."""
-    from pipeline.workflow import evaluate_sequence
+    """Every model, kornia's SIFT and OpenCV's baselines on a real benchmark: image sequences (FPR95
+    per pair construction + image matching), PhotoTour (m50 FPR95) or HPatches (the benchmark's mAP)."""
+    from pipeline import workflow
+    from pipeline.config import HPATCHES_SPLITS, ConfigError
 
-    report = evaluate_sequence(args.images, args.model or [], n_pairs=args.pairs, seed=args.seed, redetect=args.redetect,
-                               experiment=None if args.no_mlflow else args.experiment)
-    print(f"\n{report.pairs} pairs ({report.positives} positive) from {args.images}, seed {args.seed}\n")
+    common = dict(models=args.model or [], baselines=args.baselines, experiment=None if args.no_mlflow else args.experiment)
+    images_only = {"--construction": args.construction, "--pairs": args.pairs, "--redetect": args.redetect or None,
+                   "--max-keypoints": args.max_keypoints, "--no-matching": args.no_matching or None}
+    if not args.images:
+        given = [flag for flag, value in images_only.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: applies to --images only")
+    if args.images:
+        if args.split:
+            raise ConfigError("--split: applies to --phototour and --hpatches; pick pair constructions with --construction")
+        report = workflow.evaluate_on_images(args.images, constructions=args.construction, n_pairs=args.pairs, seed=args.seed,
+                                             redetect=args.redetect, max_keypoints=args.max_keypoints or 2000,
+                                             matching=not args.no_matching, **common)
+    elif args.phototour:
+        report = workflow.evaluate_on_phototour(args.phototour, splits=args.split, seed=args.seed, **common)
+    else:
+        splits = args.split or ["a"]
+        if len(splits) > 1 or splits[0] not in HPATCHES_SPLITS:
+            raise ConfigError(f"--split: HPatches takes one split of {', '.join(HPATCHES_SPLITS)}, got {', '.join(splits)}")
+        report = workflow.evaluate_on_hpatches(args.hpatches, split=splits[0], **common)
+    print(f"\n{report.protocol}: {report.data} (sha256 {report.data_sha256[:12]}, {report.params['data_files']} files), "
+          f"{report.split}, seed {args.seed}\n")
     print(report.table())
     if report.mlflow_run_id:
         print(f"\nMLflow evaluation run {report.mlflow_run_id} at {report.tracking_uri}")
@@ -125,7 +151,7 @@ def cmd_promote(args) -> int:
     from pipeline.workflow import promote_registered
 
     promote_registered(args.model, shards=args.shards, eval_pairs=args.eval_pairs, min_improvement=args.min_improvement,
-                       dry_run=args.dry_run)  # prints its comparison
+                       dry_run=args.dry_run, gate=args.gate)  # prints its comparison
     return 0
 
 
@@ -184,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="re-evaluate challenger vs champion on the same eval pairs; move champion if better")
     pr.add_argument("--model", required=True, help="registered model name, e.g. patchflow-hardnet")
     pr.add_argument("--shards", help="shard folder whose eval split decides (default: the challenger's data_shards tag)")
-    pr.add_argument("--eval-pairs", type=int, help="cap on eval pairs")
-    pr.add_argument("--min-improvement", type=float, default=0.0, help="required FPR95 reduction (absolute)")
+    pr.add_argument("--eval-pairs", type=int, help="cap on eval pairs (with --gate images:...:fpr95@...: pairs per sequence)")
+    pr.add_argument("--min-improvement", type=float, default=0.0, help="required gain in the gate's metric (absolute)")
     pr.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
+    pr.add_argument("--gate", metavar="KIND:DIR[:METRIC]", help=GATE_HELP)
     pr.set_defaults(func=cmd_promote)
 
     ex = sub.add_parser("export", help="write a standalone descriptor file (TorchScript or ONNX)")
@@ -195,10 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, type=Path)
     ex.set_defaults(func=cmd_export)
 
-    ev = sub.add_parser("evaluate", help="FPR95 / AP of models and SIFT on real pairs from an image sequence")
-    ev.add_argument("--images", required=True, type=Path, help="sequence folder: img1..6 + H1toKp, or 1..6.ppm + H_1_k")
-    ev.add_argument("--model", action="append", help="models:/patchflow-hardnet@champion, runs:/..., or a checkpoint folder")
-    ev.add_argument("--pairs", type=int, help="pairs per sequence (default: all detected)")
+    ev = sub.add_parser("evaluate", help="models, SIFT and OpenCV's baselines on a real benchmark: image sequences, PhotoTour or HPatches")
+    data = ev.add_mutually_exclusive_group(required=True)
+    data.add_argument("--images", type=Path, help="sequence folder (img1..6 + H1toKp, or 1..6.ppm + H_1_k) or a folder of them: "
+                                                  "FPR95 per pair construction, then image matching (MMA, homography accuracy)")
+    data.add_argument("--phototour", type=Path, help="UBC PhotoTour scene folder(s) (liberty/, notredame/, yosemite/ or .pt): "
+                                                     "FPR95 on the m50 pairs, the HardNet paper's table")
+    data.add_argument("--hpatches", type=Path, help="hpatches-release folder: verification, matching and retrieval mAP")
+    ev.add_argument("--model", action="append", help="models:/patchflow-hardnet@champion, runs:/..., a checkpoint folder "
+                                                     "or a baseline's name; repeatable")
+    ev.add_argument("--split", action="append", help="PhotoTour: a scene to test on (repeatable; default all found); "
+                                                     "HPatches: a|b|c|full|illum|view (default a)")
+    ev.add_argument("--construction", action="append", help="--images, repeatable (default: every named one): " + CONSTRUCTION_HELP)
+    ev.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
+                    help="OpenCV's SIFT, VGG, BoostDesc and TEBLID rows (default: when the [baselines] extra is installed)")
+    ev.add_argument("--pairs", type=int, help="--images: pairs per sequence and construction (default: all correspondences)")
+    ev.add_argument("--max-keypoints", type=int, help="--images: keypoints per image (default 2000)")
+    ev.add_argument("--no-matching", action="store_true", help="--images: skip the image-matching table")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--redetect", action="store_true", help=REDETECT_HELP)
     ev.add_argument("--experiment", default="patchflow-evaluation")

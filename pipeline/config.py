@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.budget import parse_duration
+from pipeline.data.hpatches import SPLIT_NAMES as HPATCHES_SPLITS
 from pipeline.device import gpu_count
 from pipeline.losses import DEFAULT_MARGIN, LossName
 from pipeline.models import create_model, list_models, model_info, model_options
@@ -145,6 +146,117 @@ class MlflowConfig(_Strict):
         return self.registered_model.format(arch=arch)
 
 
+GATE_KINDS = ("images", "phototour", "hpatches")
+# The metric each benchmark gates on when none is named: matching accuracy at 3 px on image sequences
+# (the number a user of a matcher compares), PhotoTour's mean FPR95 over its scenes, HPatches' matching
+# mAP on split a (no task generation needed).
+GATE_DEFAULT_METRICS = {"images": "mma@3px", "phototour": "fpr95", "hpatches": "matching@a"}
+HPATCHES_TASKS = ("verification", "matching", "retrieval")
+
+
+def _px(value: str, what: str) -> float:
+    """``"3px"`` / ``"2.5px"`` -> 3.0 / 2.5 (a positive pixel threshold)."""
+    try:
+        px = float(value.removesuffix("px")) if value.endswith("px") else -1.0
+    except ValueError:
+        px = -1.0
+    if not px > 0:
+        raise ValueError(f"{what}: expected a positive threshold in pixels such as 3px, got {value!r}")
+    return px
+
+
+def gate_metric(kind: str, metric: str | None) -> tuple[str, bool]:
+    """The canonical metric a benchmark gate of ``kind`` ranks by and whether lower is better;
+    ValueError naming what each kind accepts. ``images``: ``mma@<t>px`` (mean matching accuracy at t px),
+    ``homography@<eps>px`` (share of image pairs whose RANSAC homography is within eps px),
+    ``fpr95@<construction>`` (FPR95 of that construction's pairs; ``fpr95`` = dog-oriented);
+    ``phototour``: ``fpr95`` (mean over the scenes) or ``fpr95@<scene>``; ``hpatches``:
+    ``<verification|matching|retrieval>[@<split>]`` (mAP, split a by default)."""
+    from pipeline.data.sequences import get_construction
+
+    if kind not in GATE_KINDS:
+        raise ValueError(f"expected 'eval' or one of {', '.join(k + ':DIR' for k in GATE_KINDS)}, got kind {kind!r}")
+    metric = metric or GATE_DEFAULT_METRICS[kind]
+    name, _, qualifier = metric.partition("@")
+    if kind == "images":
+        if name in ("mma", "homography") and qualifier:
+            return f"{name}@{_px(qualifier, metric):g}px", False
+        if name == "fpr95":
+            try:
+                construction = get_construction(qualifier or "dog-oriented").name
+            except ValueError as e:
+                raise ValueError(f"{metric}: {e}") from None
+            return f"fpr95@{construction}", True
+        raise ValueError(f"images: expected a metric mma@<t>px, homography@<eps>px or fpr95[@<construction>], got {metric!r}")
+    if kind == "phototour":
+        if name == "fpr95":
+            return metric, True
+        raise ValueError(f"phototour: expected the metric fpr95 (mean over the scenes) or fpr95@<scene>, got {metric!r}")
+    if name in HPATCHES_TASKS and (qualifier or "a") in HPATCHES_SPLITS:
+        return f"{name}@{qualifier or 'a'}", False
+    raise ValueError(f"hpatches: expected a metric <{'|'.join(HPATCHES_TASKS)}>[@<{'|'.join(HPATCHES_SPLITS)}>], "
+                     f"got {metric!r}")
+
+
+def parse_gate(spec: str) -> tuple[str, str | None]:
+    """``--gate`` text -> (data, metric): ``eval``, or ``KIND:PATH[:METRIC]`` where a last ``:METRIC``
+    is split off only when it is a metric of KIND (``images:data/oxford_graf:fpr95@harris-upright``)."""
+    kind, sep, rest = spec.partition(":")
+    if spec == "eval" or not sep:
+        return spec, None
+    head, sep, last = rest.rpartition(":")
+    if sep and head:
+        try:
+            gate_metric(kind, last)
+            return f"{kind}:{head}", last
+        except ValueError:
+            pass
+    return spec, None
+
+
+class GateConfig(_Strict):
+    """What the promotion gate re-evaluates champion and challenger on. ``data: eval`` (default): the
+    challenger's synthetic eval split, FPR95. ``data: images:DIR | phototour:DIR | hpatches:DIR``: that
+    benchmark, ranked by ``metric`` (``gate_metric``: its default when None)."""
+
+    data: str = Field("eval", description="eval, or images:DIR / phototour:DIR / hpatches:DIR (a real benchmark)")
+    metric: str | None = Field(None, description="images: mma@3px (default), homography@3px, fpr95@<construction>; "
+                                                 "phototour: fpr95[@<scene>]; hpatches: <task>[@<split>]")
+    min_improvement: float = Field(0.0, ge=0.0, description="required gain in the metric's units (absolute)")
+    max_keypoints: int = Field(2000, ge=1, description="images: keypoints per image (matching and pair constructions)")
+    pairs: int | None = Field(None, ge=2, description="images fpr95: pairs per sequence (None = every correspondence)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_data_and_metric(self) -> "GateConfig":
+        if self.data == "eval":
+            if self.metric not in (None, "fpr95"):
+                raise ValueError(f"metric: the eval split gates on fpr95, got {self.metric!r}")
+            return self
+        kind, sep, path = self.data.partition(":")
+        if not sep or not path:
+            raise ValueError(f"data: expected 'eval' or one of {', '.join(k + ':DIR' for k in GATE_KINDS)}, got {self.data!r}")
+        gate_metric(kind, self.metric)
+        return self
+
+    @property
+    def kind(self) -> str:
+        return self.data.partition(":")[0]
+
+    @property
+    def path(self) -> str:
+        return self.data.partition(":")[2]
+
+    @property
+    def ranking(self) -> tuple[str, bool]:
+        """(canonical metric, lower is better)."""
+        return ("fpr95", True) if self.data == "eval" else gate_metric(self.kind, self.metric)
+
+
+class RegistryConfig(_Strict):
+    gate: GateConfig = GateConfig()
+
+
 class SearchDomain(_Strict):
     """Exactly one of: ``grid: [..]`` (every value, Tune's grid_search), ``choice: [..]`` (sampled),
     ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``."""
@@ -223,6 +335,7 @@ class Config(_Strict):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    registry: RegistryConfig = RegistryConfig()
     sweep: SweepConfig | None = None
 
     def with_updates(self, updates: dict[str, Any]) -> "Config":
@@ -312,7 +425,11 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     def resolve(value: str) -> str:
         return value if "://" in value else str((base / value).resolve())
 
-    return cfg.with_updates({"data.shards": resolve(cfg.data.shards), "run.storage_path": resolve(cfg.run.storage_path)})
+    updates = {"data.shards": resolve(cfg.data.shards), "run.storage_path": resolve(cfg.run.storage_path)}
+    gate = cfg.registry.gate
+    if gate.data != "eval":
+        updates["registry.gate.data"] = f"{gate.kind}:{resolve(gate.path)}"
+    return cfg.with_updates(updates)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

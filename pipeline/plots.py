@@ -1,4 +1,6 @@
-"""Figures of descriptor evaluations: ROC curves, distance histograms, FPR95 against PCA dimension.
+"""Figures of descriptor evaluations: ROC curves, distance histograms, FPR95 against PCA dimension,
+matching accuracy against the pixel threshold, and grouped bar charts (one per HPatches task, FPR95
+per pair construction).
 
 Figures are built as ``matplotlib.figure.Figure`` on an Agg canvas, never through pyplot's global
 state, so nothing needs a display and nothing leaks between calls. Every figure is ``FIGSIZE`` inches at
@@ -7,7 +9,8 @@ state, so nothing needs a display and nothing leaks between calls. Every figure 
 The FPR95 marks use ``pipeline.metrics``' definition: the threshold is the smallest distance at which
 the pairs with ``distance <= threshold`` include 95% of the positives (``fpr95_threshold``). Their
 artists carry a ``gid`` (``"fpr95:<name>"`` on ROC curves, ``"fpr95_threshold"`` on histograms) so
-that they can be found on the figure.
+that they can be found on the figure; so do the lines of ``mma_curve`` (``"mma:<name>"``) and the bar
+groups of ``grouped_bars`` (``"bars:<name>"``).
 """
 
 from __future__ import annotations
@@ -113,6 +116,52 @@ def pca_curve(dims: list[int], fpr95: list[float], baseline: float | None = None
     ax.set_xticks(x, [str(int(i)) for i in x])
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set(xlabel="PCA dimension", ylabel="FPR95 (lower is better)", title="FPR95 against descriptor dimension")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def mma_curve(thresholds, curves: dict[str, np.ndarray], title: str = "Mean matching accuracy") -> Figure:
+    """Mean matching accuracy against the reprojection threshold (px), one line per model
+    (``name -> MMA at each threshold``), as D2-Net plots it."""
+    x = np.asarray(thresholds, dtype=np.float64)
+    if not curves or len(x) == 0:
+        raise ValueError("mma_curve needs at least one model and one threshold")
+    fig, ax = _figure()
+    for name, values in curves.items():
+        v = np.asarray(values, dtype=np.float64)
+        if v.shape != x.shape:
+            raise ValueError(f"{name}: {v.size} MMA values for {x.size} thresholds")
+        ax.plot(x, v, "o-", markersize=3, label=name, gid=f"mma:{name}")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set(xlim=(x.min(), x.max()), ylim=(0, 1), xlabel="reprojection threshold (px)", ylabel="MMA (higher is better)",
+           title=title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def grouped_bars(values: dict[str, dict[str, float]], title: str, ylabel: str,
+                 errors: dict[str, dict[str, tuple[float, float]]] | None = None) -> Figure:
+    """One group of bars per category (a construction, an HPatches difficulty, ...), one bar per model
+    in each, coloured by model (``name -> {category: value}``, every model the same categories in the
+    same order); ``errors``: ``(low, high)`` of each bar, drawn as an interval (a bootstrap interval)."""
+    if not values:
+        raise ValueError("grouped_bars needs at least one model")
+    categories = list(next(iter(values.values())))
+    for name, per in values.items():
+        if list(per) != categories:
+            raise ValueError(f"{name}: categories {list(per)}, expected {categories} (as the first model's)")
+    fig, ax = _figure()
+    x = np.arange(len(categories))
+    width = 0.8 / len(values)
+    for i, (name, per) in enumerate(values.items()):
+        v = np.array([per[c] for c in categories], dtype=np.float64)
+        err = None
+        if errors is not None and name in errors:
+            lo_hi = np.array([errors[name][c] for c in categories], dtype=np.float64)
+            err = np.stack([v - lo_hi[:, 0], lo_hi[:, 1] - v]).clip(min=0)
+        ax.bar(x + (i - (len(values) - 1) / 2) * width, v, width, yerr=err, capsize=2, label=name, gid=f"bars:{name}")
+    ax.set_xticks(x, categories, rotation=30 if len(categories) > 4 else 0, ha="right" if len(categories) > 4 else "center")
+    ax.set(ylabel=ylabel, title=title)
     ax.legend(fontsize="small")
     return fig
 

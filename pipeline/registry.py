@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from importlib.metadata import requires
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,15 +43,47 @@ class Registration:
 class Promotion:
     model_name: str
     challenger_version: str
-    challenger_fpr95: float
+    challenger_score: float  # the gate's metric (FPR95 on the eval split by default)
     champion_version: str | None  # before this promotion (None: there was none)
-    champion_fpr95: float | None  # re-evaluated on the same pairs
+    champion_score: float | None  # re-evaluated on the same data
     promoted: bool
     reason: str
+    metric: str = "FPR95"
+    gate: str = ""  # the data it was decided on (Gate.label)
 
     @property
     def current_champion(self) -> str:
         return self.challenger_version if self.promoted else (self.champion_version or "")
+
+    # the names before gates other than FPR95 existed: the gate's scores, whatever its metric
+    @property
+    def challenger_fpr95(self) -> float:
+        return self.challenger_score
+
+    @property
+    def champion_fpr95(self) -> float | None:
+        return self.champion_score
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What promotion ranks champion and challenger by: ``score`` maps {alias: model} to {alias:
+    value} on one data set (both models scored together, so a benchmark's patches are cut once)."""
+
+    label: str  # the data, in messages and tags ("4000 pairs", "images:/data/oxford_graf")
+    metric: str  # "FPR95", "mma@3px", ...
+    lower_is_better: bool
+    score: Callable[[dict[str, torch.nn.Module]], dict[str, float]]
+    data_sha256: str = ""  # the benchmark's content hash, recorded with the decision
+
+
+def pairs_gate(pairs: np.ndarray, labels: np.ndarray) -> Gate:
+    """The default gate: FPR95 on labelled eval pairs."""
+    return Gate(f"{len(labels)} pairs", "FPR95", True,
+                lambda models: {a: evaluate_pairs(m, pairs, labels)[METRIC] for a, m in models.items()})
+
+
+PROMOTION_TAG = "promotion"  # prefix of the tags a decision leaves on the challenger version
 
 
 def _git_commit() -> str:
@@ -170,21 +203,28 @@ def _version_by_alias(client, name: str, alias: str):
 
 def promote(
     model_name: str,
-    pairs: np.ndarray,
-    labels: np.ndarray,
+    pairs: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
     *,
+    gate: Gate | None = None,
     min_improvement: float = 0.0,
     dry_run: bool = False,
     tracking_uri: str | None = None,
     challenger_fpr95: float | None = None,
 ) -> Promotion:
-    """Re-evaluate ``challenger`` and ``champion`` on the same pairs; move ``champion`` to the
-    challenger only when its FPR95 is lower by at least ``min_improvement`` (a model without a
-    champion gets one). Idempotent: a re-run finds challenger == champion and changes nothing;
-    no version is ever created here."""
+    """Re-evaluate ``challenger`` and ``champion`` on the same data — ``gate`` (a benchmark), by
+    default FPR95 on ``pairs`` / ``labels`` — and move ``champion`` to the challenger only when it is
+    better by at least ``min_improvement`` (a model without a champion gets one). The decision and
+    both scores are tags ``promotion/*`` of the challenger version. Idempotent: a re-run finds
+    challenger == champion and changes nothing; no version is ever created here."""
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
+    default = gate is None
+    if default:
+        if pairs is None or labels is None:
+            raise ValueError("promote needs eval pairs and labels, or a gate")
+        gate = pairs_gate(pairs, labels)
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -193,31 +233,44 @@ def promote(
         raise ValueError(f"{model_name}: no version has the alias {CHALLENGER!r}; register one first (patchflow sweep)")
     champion = _version_by_alias(client, model_name, CHAMPION)
 
-    def fpr_of(alias: str) -> float:
-        model = mlflow.pytorch.load_model(f"models:/{model_name}@{alias}", map_location="cpu")
-        return evaluate_pairs(model, pairs, labels)[METRIC]
+    def model_of(alias: str) -> torch.nn.Module:
+        return mlflow.pytorch.load_model(f"models:/{model_name}@{alias}", map_location="cpu")
 
-    # ``challenger_fpr95``: already computed on these same pairs by the caller (right after registration)
-    challenger_fpr = fpr_of(CHALLENGER) if challenger_fpr95 is None else challenger_fpr95
     challenger_version = str(challenger.version)
+    contest = champion is not None and str(champion.version) != challenger_version
+    # ``challenger_fpr95``: already computed on these same pairs by the caller (right after registration)
+    known = {CHALLENGER: challenger_fpr95} if challenger_fpr95 is not None and default else {}
+    wanted = [a for a in ([CHALLENGER] + ([CHAMPION] if contest else [])) if a not in known]
+    scores = known | gate.score({a: model_of(a) for a in wanted})
+    challenger_score = scores[CHALLENGER]
     if champion is None:
-        promoted, champion_fpr, reason = True, None, "there was no champion"
-    elif str(champion.version) == challenger_version:
-        promoted, champion_fpr, reason = False, challenger_fpr, "the challenger is already the champion"
+        promoted, champion_score, reason = True, None, "there was no champion"
+    elif not contest:
+        promoted, champion_score, reason = False, challenger_score, "the challenger is already the champion"
     else:
-        champion_fpr = fpr_of(CHAMPION)
-        gain = champion_fpr - challenger_fpr
+        champion_score = scores[CHAMPION]
+        gain = champion_score - challenger_score if gate.lower_is_better else challenger_score - champion_score
         promoted = gain > 0 and gain >= min_improvement
-        reason = (f"FPR95 lower by {gain:.4f}" + (f" >= {min_improvement:g}" if promoted else f", needs > 0 and >= {min_improvement:g}"))
+        reason = (f"{gate.metric} {'lower' if gate.lower_is_better else 'higher'} by {gain:.4f}"
+                  + (f" >= {min_improvement:g}" if promoted else f", needs > 0 and >= {min_improvement:g}"))
     if promoted and not dry_run:
         client.set_registered_model_alias(model_name, CHAMPION, challenger_version)
+    if not dry_run and (contest or champion is None):  # the decision, on the version it was about
+        tags = {"gate": gate.label, "metric": gate.metric, "challenger_score": f"{challenger_score:.6f}",
+                "champion_score": "none" if champion_score is None else f"{champion_score:.6f}",
+                "champion_version": str(champion.version) if champion is not None else "none",
+                "decision": "promoted" if promoted else f"kept v{champion.version}", "reason": reason}
+        if gate.data_sha256:
+            tags["data_sha256"] = gate.data_sha256
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, challenger_version, f"{PROMOTION_TAG}/{key}", value)
     verb = ("would move" if dry_run else "moved") if promoted else "keeps"
     target = f"v{challenger_version}" if promoted else (f"v{champion.version}" if champion else "none")
     print(
-        f"[patchflow] {model_name}: challenger v{challenger_version} FPR95 {challenger_fpr:.4f} vs champion "
-        + (f"v{champion.version} {champion_fpr:.4f}" if champion is not None else "none")
-        + f" on {len(labels)} pairs -> {CHAMPION} {verb} {target} ({reason})",
+        f"[patchflow] {model_name}: challenger v{challenger_version} {gate.metric} {challenger_score:.4f} vs champion "
+        + (f"v{champion.version} {champion_score:.4f}" if champion is not None else "none")
+        + f" on {gate.label} -> {CHAMPION} {verb} {target} ({reason})",
         flush=True,
     )
-    return Promotion(model_name, challenger_version, challenger_fpr, str(champion.version) if champion else None,
-                     champion_fpr, promoted and not dry_run, reason)
+    return Promotion(model_name, challenger_version, challenger_score, str(champion.version) if champion else None,
+                     champion_score, promoted and not dry_run, reason, gate.metric, gate.label)

@@ -16,17 +16,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from pipeline.checkpoint import model_from_checkpoint
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, GateConfig, parse_gate
 from pipeline.data.stream import load_eval_pairs, load_eval_split
-from pipeline.evaluate import METRIC, pair_distances, pca_dimension_curve, pca_fit_patches
+from pipeline.evaluate import METRIC, describe, pair_distances, pca_dimension_curve, pca_fit_patches
 from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
 from pipeline.models import create_model, list_models, model_info
 from pipeline.models.sift import SIFT
 from pipeline.pca import attach_pca, pca_head_dim
-from pipeline.protocols.common import SIFT_NAME, text_table
-from pipeline.registry import CHALLENGER, CHAMPION, Promotion, Registration, load_descriptor, promote, register_checkpoint
+from pipeline.protocols.common import SIFT_NAME, metric_key, row_distances, text_table
+from pipeline.registry import (CHALLENGER, CHAMPION, Gate, Promotion, Registration, load_descriptor, promote,
+                               register_checkpoint)
 from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
 from pipeline.tune import SweepResult, TrialOutcome, effect_of, find_sweep, new_sweep_id, run_sweep, start_parent_run
 
@@ -142,6 +144,7 @@ class SweepReport:
     sift_ap: float
     leaderboard: str  # the table printed and logged as the parent run's leaderboard.txt
     seconds: float
+    baselines: dict[str, tuple[float, float]] = field(default_factory=dict)  # OpenCV's: name -> (FPR95, AP)
 
 
 LEADERBOARD_HEADER = ("architecture", "best config", "eval FPR95", "eval AP", "MLflow run id", "model version", "alias")
@@ -251,25 +254,116 @@ def sweep(
             reg = register_checkpoint(cfg, report.best.checkpoint_path, report.best.mlflow_run_id, sweep_id=sweep_id,
                                       eval_pairs=(pairs, labels), model=model)
             report.registration = reg
-            report.promotion = promote(reg.model_name, pairs, labels, tracking_uri=cfg.mlflow.tracking_uri, challenger_fpr95=reg.fpr95)
+            gate = benchmark_gate(cfg.registry.gate)  # None: the eval pairs, where the challenger is scored already
+            report.promotion = promote(reg.model_name, pairs, labels, gate=gate, min_improvement=cfg.registry.gate.min_improvement,
+                                       tracking_uri=cfg.mlflow.tracking_uri, challenger_fpr95=None if gate else reg.fpr95)
             curves[arch] = reg.distances
             report.eval_ap = average_precision(reg.distances, labels)
             client.log_metric(parent_id, f"{arch}/eval_ap", report.eval_ap)
         reports.append(report)
     sift_distances = pair_distances(SIFT(pairs.shape[-1]), pairs)
     sift_fpr, sift_ap = fpr_at_95_recall(sift_distances, labels), average_precision(sift_distances, labels)
+    baselines = _baseline_distances(pairs)  # OpenCV's, when the [baselines] extra is installed
+    scores = {name: (fpr_at_95_recall(d, labels), average_precision(d, labels)) for name, d in baselines.items()}
     rows = [LEADERBOARD_HEADER, *(r.row() for r in reports),
-            (SIFT_NAME, "untrained baseline", f"{sift_fpr:.4f}", f"{sift_ap:.4f}", "-", "-", "-")]
+            (SIFT_NAME, "untrained baseline", f"{sift_fpr:.4f}", f"{sift_ap:.4f}", "-", "-", "-"),
+            *((name, "untrained baseline", f"{fpr:.4f}", f"{ap:.4f}", "-", "-", "-") for name, (fpr, ap) in scores.items())]
     table = text_table(rows)
     if curves:
-        _log_plots(client, parent_id, {**curves, "sift": sift_distances}, labels)
+        _log_plots(client, parent_id, {**curves, "sift": sift_distances, **baselines}, labels)
     client.log_text(parent_id, table + "\n", "leaderboard.txt")
     client.log_metric(parent_id, f"sift/{METRIC}", sift_fpr)
+    for name, (fpr, _) in scores.items():
+        client.log_metric(parent_id, f"{name}/{METRIC}", fpr)
     client.set_terminated(parent_id, "FINISHED")
-    return SweepReport(sweep_id, parent_id, uri, reports, len(labels), sift_fpr, sift_ap, table, time.perf_counter() - t0)
+    return SweepReport(sweep_id, parent_id, uri, reports, len(labels), sift_fpr, sift_ap, table, time.perf_counter() - t0,
+                       scores)
+
+
+def _baseline_distances(pairs: np.ndarray) -> dict[str, np.ndarray]:
+    """Pair distances of each OpenCV baseline (none without the [baselines] extra)."""
+    from pipeline.models.opencv import OPENCV_MODELS, opencv_available
+
+    return {name: pair_distances(create_model(name), pairs) for name in OPENCV_MODELS} if opencv_available() else {}
 
 
 # ---- evaluate ------------------------------------------------------------------------------------
+
+PROTOCOLS = ("images", "phototour", "hpatches")
+EVAL_TAG = "eval"  # registered versions get eval/<protocol>/<metric> tags from each evaluation of them
+
+
+@dataclass
+class EvaluatedModel:
+    """One row of the evaluation tables."""
+
+    name: str  # as printed
+    key: str  # its prefix in the MLflow run's metrics: "sift", "opencv_vgg", "model1", ...
+    module: torch.nn.Module
+    spec: str | None = None  # as given (--model); None for the baselines
+    version: tuple[str, str] | None = None  # (registered model, version) of a models:/ URI
+
+
+def _registered_version(spec: str) -> tuple[str, str] | None:
+    """``models:/name@alias`` or ``models:/name/N`` -> (name, version) in the tracking store, else None."""
+    from mlflow.tracking import MlflowClient
+
+    if not spec.startswith("models:/"):
+        return None
+    ref = spec[len("models:/"):]
+    client = MlflowClient(resolve_tracking_uri(None))
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = ref.rpartition("/")
+    return (name, version) if name and version.isdigit() else None
+
+
+def evaluation_models(specs: Sequence[str] = (), *, baselines: bool | None = None) -> tuple[list[EvaluatedModel], list[str]]:
+    """kornia's SIFT, then OpenCV's baselines (``baselines``: None = when the [baselines] extra is
+    importable, True = required, False = none), then each ``--model`` spec (``load_model``); a spec
+    naming a row already there is not added twice. A ``models:/`` URI is resolved to its version
+    once and that version is loaded (an alias moved meanwhile does not mix two versions). Returns the
+    rows and notes for the report."""
+    from pipeline.models.opencv import EXTRA, OPENCV_MODELS, opencv_available
+
+    rows = [EvaluatedModel(SIFT_NAME, "sift", SIFT(32))]
+    notes = []
+    if baselines is None:
+        baselines = opencv_available()
+        if not baselines:
+            notes.append(f"OpenCV baselines ({', '.join(OPENCV_MODELS)}) left out: {EXTRA}")
+    elif baselines and not opencv_available():
+        raise ConfigError(f"--baselines: OpenCV's baselines need the [baselines] extra: {EXTRA}")
+    if baselines:
+        rows += [EvaluatedModel(name, name, create_model(name).eval()) for name in OPENCV_MODELS]
+    for i, spec in enumerate(specs, start=1):
+        if spec in ("sift", *(r.name for r in rows)):
+            notes.append(f"--model {spec}: already a row ({SIFT_NAME if spec == 'sift' else spec})")
+            continue
+        version = _registered_version(spec)
+        module = load_model(f"models:/{version[0]}/{version[1]}" if version else spec)
+        name = f"{spec} (v{version[1]})" if version and "@" in spec else spec
+        rows.append(EvaluatedModel(name, f"model{i}", module, spec, version))
+    return rows, notes
+
+
+def _data_fingerprint(paths: Sequence[str | Path]) -> tuple[str, int, int]:
+    """(sha256, files, bytes) over every file under ``paths`` (names relative to each path, then
+    contents, in sorted order): the version of the benchmark data an evaluation read."""
+    import hashlib
+
+    digest, files, size = hashlib.sha256(), 0, 0
+    for root in map(Path, paths):
+        found = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in found:
+            digest.update(str(path.relative_to(root) if path != root else path.name).encode() + b"\0")
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+                    size += len(chunk)
+            files += 1
+    return digest.hexdigest(), files, size
 
 
 @dataclass
@@ -282,81 +376,390 @@ class ModelScore:
 
 
 @dataclass
-class SequenceEvaluation:
-    images: str
-    seed: int
-    pairs: int
-    positives: int
-    scores: list[ModelScore]  # SIFT first, then the models in the order given
+class PairSetScores:
+    """FPR95 (with 95 % bootstrap intervals) and AP of every descriptor on each set of labelled
+    pairs (a pair construction, the synthetic eval split): rows descriptors, columns pair sets."""
+
+    columns: dict[str, tuple[int, int]]  # column -> (pairs, positives)
+    scores: dict[str, dict[str, ModelScore]]  # row -> column -> score
+    bootstrap: int = 200
+    title: str = "FPR95"
+
+    def best(self, column: str) -> str:
+        return min(self.scores, key=lambda name: self.scores[name][column].fpr95)
+
+    def mark(self, name: str, column: str) -> str:
+        """``*`` the column's lowest FPR95; ``~`` an interval overlapping the best's: the difference
+        between the two is inside the intervals."""
+        best = self.scores[self.best(column)][column]
+        s = self.scores[name][column]
+        return "*" if s is best else ("~" if s.fpr95_low <= best.fpr95_high else "")
+
+    def table(self) -> str:
+        rows = [["descriptor", *self.columns]]
+        for name, per in self.scores.items():
+            rows.append([name, *(f"{s.fpr95:.3f} [{s.fpr95_low:.3f}, {s.fpr95_high:.3f}]{self.mark(name, c)}"
+                                 for c, s in per.items())])
+        pairs = ", ".join(f"{c}: {n} ({p} positive)" for c, (n, p) in self.columns.items())
+        head = (f"{self.title}: FPR at 95 % recall (lower is better), 95 % bootstrap interval ({self.bootstrap} "
+                f"resamples of the pairs) in brackets; * = lowest of the column, ~ = interval overlaps the lowest's "
+                f"(the difference is inside the intervals). Pairs: {pairs}")
+        return text_table(rows, head)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat, MLflow-safe: ``<row>/<column>/fpr95`` (+ ``_low`` / ``_high``) and ``<row>/<column>/ap``."""
+        out = {}
+        for name, per in self.scores.items():
+            for column, s in per.items():
+                values = {"fpr95": s.fpr95, "fpr95_low": s.fpr95_low, "fpr95_high": s.fpr95_high, "ap": s.ap}
+                out |= {metric_key(name, column, k): v for k, v in values.items()}
+        return out
+
+    def to_dict(self) -> dict:
+        return {"protocol": "pairs", "columns": {c: {"pairs": n, "positives": p} for c, (n, p) in self.columns.items()},
+                "bootstrap": self.bootstrap,
+                "models": {n: {c: vars(s) for c, s in per.items()} for n, per in self.scores.items()}}
+
+
+def score_pair_sets(models: dict[str, torch.nn.Module], pair_sets: dict[str, tuple[np.ndarray, np.ndarray]],
+                    *, seed: int = 0, bootstrap: int = 200, title: str = "FPR95") -> PairSetScores:
+    """Every model on every set of labelled pairs (uint8 (N, 2, P, P), labels (N,)). A set's distinct
+    patches are described once per model (a point's image-1 patch recurs in its positive and its
+    negative pairs)."""
+    columns = {c: (len(labels), int(labels.sum())) for c, (_, labels) in pair_sets.items()}
+    result = PairSetScores(columns, {name: {} for name in models}, bootstrap, title)
+    for column, (pairs, labels) in pair_sets.items():
+        flat = pairs.reshape(2 * len(pairs), -1)
+        unique, where = np.unique(flat, axis=0, return_inverse=True)
+        where = where.reshape(-1)  # numpy 2 keeps the input's shape for axis=0
+        patches = unique.reshape(-1, *pairs.shape[2:])
+        first, second = where[0::2], where[1::2]
+        for name, model in models.items():
+            desc = describe(model, patches)
+            d = row_distances(model, desc[first], desc[second])
+            lo, hi = bootstrap_interval(d, labels, fpr_at_95_recall, n=bootstrap, seed=seed)
+            result.scores[name][column] = ModelScore(name, fpr_at_95_recall(d, labels), lo, hi,
+                                                     average_precision(d, labels))
+    return result
+
+
+@dataclass
+class Evaluation:
+    """One ``patchflow evaluate``: the protocol's result objects (each with ``table()``,
+    ``metrics()``, ``to_dict()``), the rows' models, and the MLflow run it was logged as."""
+
+    protocol: str  # "images", "phototour" or "hpatches"
+    data: str  # resolved path
+    data_sha256: str
+    split: str  # the constructions, scenes or HPatches split evaluated
+    models: list[EvaluatedModel]
+    results: dict[str, Any]  # "fpr95" and "matching" (images), "phototour", "hpatches"
+    params: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     seconds: float = 0.0
 
     def table(self) -> str:
-        rows = [("model", "FPR95", "95% interval", "AP")]
-        rows += [(s.name, f"{s.fpr95:.4f}", f"[{s.fpr95_low:.4f}, {s.fpr95_high:.4f}]", f"{s.ap:.4f}") for s in self.scores]
-        return text_table(rows)
+        """What the command prints: every result's table, then the notes."""
+        return "\n\n".join([r.table() for r in self.results.values()] + (["\n".join(self.notes)] if self.notes else []))
+
+    def metrics(self) -> dict[str, float]:
+        """Every result's metrics with each row's name replaced by its key (``sift/...``,
+        ``model1/...``): the MLflow run's metrics."""
+        prefixes = sorted(((metric_key(m.name) + "/", m.key + "/") for m in self.models), key=lambda p: -len(p[0]))
+        out = {}
+        for result in self.results.values():
+            for k, v in result.metrics().items():
+                prefix, key = next((p, key) for p, key in prefixes if k.startswith(p))
+                out[key + k[len(prefix):]] = float(v)
+        return out
+
+    def model_metrics(self, model: EvaluatedModel) -> dict[str, float]:
+        """``model``'s metrics without its key and without interval bounds: its version's tags."""
+        prefix = model.key + "/"
+        return {k[len(prefix):]: v for k, v in self.metrics().items()
+                if k.startswith(prefix) and not k.endswith(("_low", "_high"))}
 
 
-def evaluate_sequence(
+def evaluate_on_images(
     images: str | Path,
     models: Sequence[str] = (),
     *,
+    constructions: Sequence[str] | None = None,
+    baselines: bool | None = None,
     n_pairs: int | None = None,
     seed: int = 0,
     redetect: bool = False,
+    max_keypoints: int = 2000,
+    matching: bool = True,
     experiment: str | None = "patchflow-evaluation",
-) -> SequenceEvaluation:
-    """FPR95 (with a bootstrap interval) and AP of each model (MLflow URI or checkpoint folder) and of
-    kornia's SIFT on real pairs from an image sequence; logged as one MLflow run in ``experiment``
-    (None: not logged)."""
-    from pipeline.data.sequences import sequence_pairs
+    progress: Progress = _say,
+) -> Evaluation:
+    """Each model (MLflow URI, checkpoint folder or baseline name), kornia's SIFT and OpenCV's
+    baselines on real pairs of an image sequence (or a folder of them) cut by every construction of
+    ``CONSTRUCTIONS`` (or those named): FPR95 with bootstrap intervals, one column per construction;
+    then image matching (mutual-NN MMA at 1..10 px, matches, homography accuracy), unless
+    ``matching=False``. Logged as one MLflow run in ``experiment`` (None: not logged)."""
+    from pipeline.data.sequences import CONSTRUCTIONS, get_construction, sequence_pairs
+    from pipeline.protocols import evaluate_image_matching
 
     t0 = time.perf_counter()
-    pairs, labels, _ = sequence_pairs(images, n_pairs=n_pairs, seed=seed, redetect=redetect, progress=True)
-    named = {SIFT_NAME: SIFT(pairs.shape[-1])}
-    for spec in models:
-        named[spec] = load_model(spec)
-    scores = []
-    for name, model in named.items():
-        d = pair_distances(model, pairs)
-        lo, hi = bootstrap_interval(d, labels, fpr_at_95_recall, seed=seed)
-        scores.append(ModelScore(name, fpr_at_95_recall(d, labels), lo, hi, average_precision(d, labels)))
-    report = SequenceEvaluation(str(images), seed, len(labels), int(labels.sum()), scores)
+    names = list(constructions) if constructions else list(CONSTRUCTIONS)
+    for name in names:
+        try:
+            get_construction(name)
+        except ValueError as e:
+            raise ConfigError(f"--construction: {e}") from None
+    rows, notes = evaluation_models(models, baselines=baselines)
+    named = {m.name: m.module for m in rows}
+    pair_sets = {}
+    for name in names:
+        progress(f"[patchflow] {Path(images).name}: cutting {name} pairs")
+        pairs, labels, _ = sequence_pairs(images, n_pairs=n_pairs, seed=seed, redetect=redetect,
+                                          max_keypoints=max_keypoints, construction=name, progress=True)
+        pair_sets[name] = (pairs, labels)
+    results: dict[str, Any] = {"fpr95": score_pair_sets(named, pair_sets, seed=seed,
+                                                        title=f"FPR95 on {Path(images).name}, by pair construction")}
+    if matching:
+        progress(f"[patchflow] {Path(images).name}: image matching")
+        results["matching"] = evaluate_image_matching(images, named, sift=False, max_keypoints=max_keypoints, seed=seed,
+                                                      progress=True)
+    params = {"pairs_per_sequence": n_pairs or "all", "seed": seed, "redetect": redetect, "max_keypoints": max_keypoints,
+              "constructions": ",".join(names), "matching": matching}
+    return _finish(Evaluation("images", str(Path(images).resolve()), "", ",".join(names), rows, results, params, notes),
+                   [images], experiment, t0)
+
+
+def _phototour_scenes(root: Path, splits: Sequence[str] | None) -> dict[str, Path]:
+    """Scene name -> folder or .pt: ``root`` itself when it is a scene, else its scene folders / .pt
+    caches (those named by ``splits``, default all)."""
+    from pipeline.data.shards import SourceError
+    from pipeline.protocols import phototour_match_files
+
+    def is_scene(p: Path) -> bool:
+        try:
+            phototour_match_files(p)
+            return True
+        except SourceError:
+            return False
+
+    if not root.exists():
+        raise SourceError(f"{root}: not found (expected a UBC PhotoTour scene folder or a folder of scenes)")
+    if root.suffix == ".pt" or is_scene(root):
+        scenes = {root.stem if root.suffix == ".pt" else root.name: root}
+    else:
+        scenes = {p.stem if p.suffix == ".pt" else p.name: p for p in sorted(root.iterdir())
+                  if (p.is_dir() or p.suffix == ".pt") and is_scene(p)}
+    if not scenes:
+        raise SourceError(f"{root}: no PhotoTour scene (a folder with m50_*.txt pair files, or torchvision's <name>.pt)")
+    if splits:
+        missing = [s for s in splits if s not in scenes]
+        if missing:
+            raise SourceError(f"{root / missing[0]}: PhotoTour scene not found (scenes here: {', '.join(scenes)})")
+        scenes = {s: scenes[s] for s in splits}
+    return scenes
+
+
+def evaluate_on_phototour(root: str | Path, models: Sequence[str] = (), *, splits: Sequence[str] | None = None,
+                          baselines: bool | None = None, seed: int = 0,
+                          experiment: str | None = "patchflow-evaluation") -> Evaluation:
+    """The HardNet paper's table: FPR95 on each scene's m50 pairs (``splits``: scene names under
+    ``root``, default every scene found; ``root`` may be one scene), every model, SIFT and the
+    baselines, with bootstrap intervals; logged as one MLflow run."""
+    from pipeline import protocols
+
+    t0 = time.perf_counter()
+    scenes = _phototour_scenes(Path(root), splits)
+    rows, notes = evaluation_models(models, baselines=baselines)
+    result = protocols.evaluate_phototour(scenes, {m.name: m.module for m in rows}, sift=False, seed=seed, progress=True)
+    return _finish(Evaluation("phototour", str(Path(root).resolve()), "", ",".join(scenes), rows,
+                              {"phototour": result}, {"seed": seed}, notes), list(scenes.values()), experiment, t0)
+
+
+def evaluate_on_hpatches(root: str | Path, models: Sequence[str] = (), *, split: str = "a",
+                         baselines: bool | None = None, tasks: Sequence[str] | None = None,
+                         experiment: str | None = "patchflow-evaluation", **generate) -> Evaluation:
+    """hpatches-benchmark's verification, matching and retrieval mAP on ``split``'s test sequences
+    (its task files where ``root`` has them, else generated as the benchmark does; ``generate``:
+    ``hpatches_tasks``' sizes), every model, SIFT and the baselines; logged as one MLflow run with the
+    per-task detail as an artifact."""
+    from pipeline import protocols
+    from pipeline.data.hpatches import release_dir
+    from pipeline.protocols.hpatches import TASKS
+
+    t0 = time.perf_counter()
+    rows, notes = evaluation_models(models, baselines=baselines)
+    result = protocols.evaluate_hpatches(root, {m.name: m.module for m in rows}, sift=False, split=split,
+                                         tasks=tasks or TASKS, progress=True, **generate)
+    rel = release_dir(root)
+    read = [rel / s for s in result.sequences] + [Path(v) for v in result.sources.values() if Path(v).is_dir()]
+    return _finish(Evaluation("hpatches", str(Path(root).resolve()), "", split, rows, {"hpatches": result},
+                              {"tasks": ",".join(tasks or TASKS), **{f"task_source.{k}": v for k, v in result.sources.items()},
+                               **generate}, notes), read, experiment, t0)
+
+
+def _finish(report: Evaluation, read: Sequence[str | Path], experiment: str | None, t0: float) -> Evaluation:
+    """Fingerprint the data that was read, log the run, time it."""
+    report.data_sha256, files, size = _data_fingerprint(read)
+    report.params |= {"data_files": files, "data_bytes": size}
     if experiment is not None:
-        report.tracking_uri, report.mlflow_run_id = _log_evaluation(report, experiment, redetect)
+        report.tracking_uri, report.mlflow_run_id = _log_evaluation(report, experiment)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _log_evaluation(report: SequenceEvaluation, experiment: str, redetect: bool) -> tuple[str, str]:
+def _evaluation_plots(report: Evaluation, folder: Path) -> None:
+    """MMA against the threshold; FPR95 by construction / scene with intervals; one bar chart per
+    HPatches task (by difficulty)."""
+    from pipeline.plots import grouped_bars, mma_curve, save_figure
+
+    res = report.results
+    if "matching" in res and res["matching"].pairs:
+        m = res["matching"]
+        save_figure(mma_curve(m.thresholds, {n: m.mma(n) for n in m.pairs}), folder / "mma.png")
+    if "fpr95" in res:
+        s = res["fpr95"]
+        save_figure(grouped_bars({n: {c: v.fpr95 for c, v in per.items()} for n, per in s.scores.items()},
+                                 s.title, "FPR95 (lower is better)",
+                                 {n: {c: (v.fpr95_low, v.fpr95_high) for c, v in per.items()} for n, per in s.scores.items()}),
+                    folder / "fpr95_constructions.png")
+    if "phototour" in res:
+        p = res["phototour"]
+        labels = [c.label for c in p.columns]
+        save_figure(grouped_bars({n: dict(zip(labels, v)) for n, v in p.fpr95.items()}, "PhotoTour m50 pairs",
+                                 "FPR95 (lower is better)", {n: dict(zip(labels, v)) for n, v in p.intervals.items()}),
+                    folder / "phototour_fpr95.png")
+    if "hpatches" in res:
+        from pipeline.protocols.hpatches import DIFFICULTIES, NEGATIVES
+
+        h = res["hpatches"]
+        per_task = {
+            "verification": {n: {DIFFICULTIES[t]: float(np.mean([v[t][g]["ap"] for g in NEGATIVES])) for t in DIFFICULTIES}
+                             for n, v in h.verification.items()},
+            "matching": {n: {DIFFICULTIES[t]: v for t, v in h.matching_by_difficulty(n).items()} for n in h.matching},
+            "retrieval": {n: {DIFFICULTIES[t]: float(np.mean(list(r[t].values()))) for t in DIFFICULTIES}
+                          for n, r in h.retrieval.items()},
+        }
+        for task, values in per_task.items():
+            if values:
+                save_figure(grouped_bars(values, f"HPatches {task}, split {h.split}", "mAP (higher is better)"),
+                            folder / f"hpatches_{task}.png")
+
+
+def _log_evaluation(report: Evaluation, experiment: str) -> tuple[str, str]:
+    """One MLflow run: protocol, data (path, sha256), split and models as params; the metrics; the
+    tables, each result's JSON and the plots as artifacts. Each evaluated registered version gets
+    ``eval/<protocol>/<metric>`` tags (and where they came from)."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(None)
     client = MlflowClient(uri)
     run = client.create_run(get_or_create_experiment(client, experiment),
-                            run_name=f"evaluate-{Path(report.images).name}", tags={"patchflow.kind": "evaluation"})
-    logger = RunLogger(uri, run.info.run_id)
-    logger.params({"images": str(Path(report.images).resolve()), "pairs": report.pairs, "seed": report.seed,
-                   "redetect": redetect, "models": ",".join(s.name for s in report.scores)})
-    for i, s in enumerate(report.scores):
-        key = "sift" if s.name.startswith("sift") else f"model{i}"
-        values = {"fpr95": s.fpr95, "fpr95_low": s.fpr95_low, "fpr95_high": s.fpr95_high, "ap": s.ap}
-        logger.metrics({f"{key}/{k}": v for k, v in values.items()}, step=0)
-        logger.tags({f"{key}.name": s.name})
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return uri, run.info.run_id
+                            run_name=f"evaluate-{report.protocol}-{Path(report.data).name}",
+                            tags={"patchflow.kind": "evaluation", "patchflow.protocol": report.protocol})
+    run_id = run.info.run_id
+    logger = RunLogger(uri, run_id)
+    logger.params({"protocol": report.protocol, "data": report.data, "data_sha256": report.data_sha256,
+                   "split": report.split, "models": ",".join(m.name for m in report.models), **report.params})
+    logger.tags({f"{m.key}.name": m.name for m in report.models}
+                | {f"{m.key}.uri": m.spec for m in report.models if m.spec}
+                | {f"{m.key}.version": f"{m.version[0]} v{m.version[1]}" for m in report.models if m.version})
+    metrics = report.metrics()
+    logger.metrics(metrics, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "tables.txt").write_text(report.table() + "\n")
+        for name, result in report.results.items():
+            (folder / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=1, default=float))
+        if "hpatches" in report.results:
+            (folder / "hpatches_detail.txt").write_text(report.results["hpatches"].detail_table() + "\n")
+        client.log_artifacts(run_id, tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        _evaluation_plots(report, Path(tmp))
+        client.log_artifacts(run_id, tmp, "plots")
+    for m in report.models:
+        if m.version is None:
+            continue
+        tags = {f"{EVAL_TAG}/{report.protocol}/{k}": f"{v:.6g}" for k, v in report.model_metrics(m).items()}
+        tags |= {f"{EVAL_TAG}/{report.protocol}/data": f"{report.data} (sha256 {report.data_sha256})",
+                 f"{EVAL_TAG}/{report.protocol}/run_id": run_id}
+        for key, value in tags.items():
+            client.set_model_version_tag(m.version[0], m.version[1], key, value)
+    client.set_terminated(run_id, "FINISHED")
+    return uri, run_id
+
+
+# ---- promotion gate on a benchmark ---------------------------------------------------------------
+
+
+def benchmark_gate(gate: GateConfig) -> Gate | None:
+    """The promotion gate ``gate`` names: None for the eval split (the caller's pairs), else a Gate
+    that scores models on the benchmark with its metric (``GateConfig.ranking``)."""
+    from pipeline import protocols
+
+    if gate.data == "eval":
+        return None
+    metric, lower = gate.ranking
+    name, _, qualifier = metric.partition("@")
+    path = Path(gate.path)
+    if not path.exists():
+        raise ConfigError(f"gate {gate.data}: {path} not found (a metric goes last: {gate.kind}:DIR:METRIC)")
+    if gate.kind == "images":
+        if name == "fpr95":
+            from pipeline.data.sequences import sequence_pairs
+
+            def score(models):
+                pairs, labels, _ = sequence_pairs(path, n_pairs=gate.pairs, seed=gate.seed, max_keypoints=gate.max_keypoints,
+                                                  construction=qualifier)
+                s = score_pair_sets(models, {qualifier: (pairs, labels)}, seed=gate.seed)
+                return {a: s.scores[a][qualifier].fpr95 for a in models}
+        else:
+            px = float(qualifier.removesuffix("px"))
+
+            def score(models):
+                r = protocols.evaluate_image_matching(path, models, sift=False, max_keypoints=gate.max_keypoints,
+                                                      seed=gate.seed, thresholds=[px], homography_thresholds=[px])
+                return {a: float(r.mma(a)[0]) if name == "mma" else r.homography_accuracy(a)[px] for a in models}
+        read = [path]
+    elif gate.kind == "phototour":
+        scenes = _phototour_scenes(path, [qualifier] if qualifier else None)
+
+        def score(models):
+            r = protocols.evaluate_phototour(scenes, models, sift=False, seed=gate.seed)
+            return {a: r.mean(a) for a in models}
+        read = list(scenes.values())
+    else:
+        def score(models):
+            r = protocols.evaluate_hpatches(path, models, sift=False, split=qualifier, tasks=[name])
+            return {a: r.summary(a)[name] / 100 for a in models}  # mAP in [0, 1], like the other metrics
+        read = [path]
+    return Gate(f"{gate.kind}:{path.resolve()}", metric, lower, score, _data_fingerprint(read)[0])
 
 
 # ---- promote / export ----------------------------------------------------------------------------
 
 
 def promote_registered(model_name: str, *, shards: str | None = None, eval_pairs: int | None = None,
-                       min_improvement: float = 0.0, dry_run: bool = False) -> Promotion:
-    """The promotion gate on the eval split of ``shards``, by default the shards the challenger was
-    registered against (its ``data_shards`` tag)."""
+                       min_improvement: float = 0.0, dry_run: bool = False,
+                       gate: GateConfig | str | None = None) -> Promotion:
+    """The promotion gate: on the eval split of ``shards``, by default the shards the challenger was
+    registered against (its ``data_shards`` tag); or on the benchmark ``gate`` names (a GateConfig,
+    or ``--gate`` text: ``images:DIR[:METRIC]``, ``phototour:DIR[:METRIC]``, ``hpatches:DIR[:METRIC]``)."""
     from mlflow.tracking import MlflowClient
 
+    if isinstance(gate, str):
+        data, metric = parse_gate(gate)
+        try:
+            gate = GateConfig(data=data, metric=metric, min_improvement=min_improvement,
+                              **({"pairs": eval_pairs} if eval_pairs else {}))
+        except ValidationError as e:
+            raise ConfigError(f"--gate {gate}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    bench = benchmark_gate(gate) if gate is not None else None
+    if bench is not None:
+        return promote(model_name, gate=bench, min_improvement=min_improvement, dry_run=dry_run)
     if shards is None:
         version = MlflowClient(resolve_tracking_uri(None)).get_model_version_by_alias(model_name, CHALLENGER)
         shards = version.tags.get("data_shards")
@@ -385,5 +788,7 @@ def export_model(spec: str, fmt: str, out: str | Path) -> ExportOutcome:
     return ExportOutcome(path, fmt, float(np.abs(load_exported(path)(x) - expected).max()))
 
 
-__all__ = ["ArchitectureReport", "ExportOutcome", "ModelScore", "SequenceEvaluation", "SweepReport", "TrainOutcome",
-           "evaluate_sequence", "export_model", "load_model", "promote_registered", "sweep", "train"]
+__all__ = ["ArchitectureReport", "EvaluatedModel", "Evaluation", "ExportOutcome", "ModelScore", "PairSetScores",
+           "SweepReport", "TrainOutcome", "benchmark_gate", "evaluate_on_hpatches", "evaluate_on_images",
+           "evaluate_on_phototour", "evaluation_models", "export_model", "load_model", "promote_registered",
+           "score_pair_sets", "sweep", "train"]

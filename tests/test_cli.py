@@ -14,6 +14,7 @@ from pipeline.config import Config
 from pipeline.data.shards import load_manifest
 from pipeline.models import create_model
 from helpers import save_checkpoint
+from test_evaluation import small_sequence
 from test_phototour import make_dataset, write_raw
 
 GRAF = Path(__file__).resolve().parents[1] / "data" / "oxford_graf"
@@ -36,26 +37,38 @@ def test_shards_images_command_on_real_graf(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in GRAF.iterdir()} == before  # the real data is read-only to us
 
 
-def test_evaluate_command_on_real_graf(tmp_path, monkeypatch, capsys):
-    """The command's wiring: its table prints what its MLflow run holds, and --redetect reaches the
-    pairs. (The figures themselves are checked against a recomputation in tests/test_workflow.py.)"""
+def test_evaluate_images_command(tmp_path, monkeypatch, capsys):
+    """The command's wiring: its table prints what its MLflow run holds, and --redetect, --seed and
+    --construction reach the pairs. (The figures are checked against a recomputation in
+    tests/test_evaluation.py.)"""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     torch.manual_seed(0)
+    seq = small_sequence(tmp_path / "camera")
     ckpt = save_checkpoint(tmp_path / "ckpt", create_model("hardnet"), Config.model_validate({"data": {"shards": "unused"}}))
-    args = ["evaluate", "--images", str(GRAF), "--model", ckpt, "--pairs", "400", "--seed", "3"]
+    args = ["evaluate", "--images", str(seq), "--model", ckpt, "--construction", "harris-upright", "--pairs", "60",
+            "--max-keypoints", "150", "--seed", "3", "--no-matching", "--no-baselines"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     for redetect in (False, True):
         assert main(args + (["--redetect"] if redetect else [])) == 0
         out = capsys.readouterr().out
         run = client.search_runs([client.get_experiment_by_name("patchflow-evaluation").experiment_id],
                                  order_by=["attributes.start_time DESC"])[0]
-        assert run.data.params["redetect"] == str(redetect)
+        p = run.data.params
+        assert (p["redetect"], p["seed"], p["split"], p["pairs_per_sequence"]) == (str(redetect), "3", "harris-upright", "60")
         m = run.data.metrics
-        assert re.search(rf"sift \(kornia\)\s+{m['sift/fpr95']:.4f}\s+\[{m['sift/fpr95_low']:.4f}, {m['sift/fpr95_high']:.4f}\]"
-                         rf"\s+{m['sift/ap']:.4f}", out), out
-        assert re.search(rf"{re.escape(ckpt)}\s+{m['model1/fpr95']:.4f}\s", out)
-        assert f"{run.data.params['pairs']} pairs" in out and run.info.run_id in out
+        for name, key in ((r"sift \(kornia\)", "sift"), (re.escape(ckpt), "model1")):
+            cell = rf"{m[f'{key}/harris-upright/fpr95']:.3f} \[{m[f'{key}/harris-upright/fpr95_low']:.3f}, "
+            assert re.search(rf"^{name}\s+{cell}", out, re.M), out
+        assert "Image matching" not in out and run.info.run_id in out and "OpenCV" not in out
+
+    # usage errors: one line, exit 2, before anything is read
+    for extra, message in ((["--split", "a"], "--split: applies to --phototour and --hpatches"),
+                           (["--construction", "dog-sideways"], "unknown pair construction 'dog-sideways'")):
+        assert main(["evaluate", "--images", str(seq), "--no-mlflow", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["evaluate", "--phototour", str(seq), "--pairs", "10"]) == 2
+    assert "--pairs: applies to --images only" in capsys.readouterr().err
 
 
 def test_shards_digits_and_synthetic_mix_commands(tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from pipeline.metrics import fpr_at_95_recall, roc_auc
-from pipeline.plots import DPI, FIGSIZE, distance_histogram, fpr95_threshold, pca_curve, roc_figure, roc_points, save_figure
+from pipeline.plots import (DPI, FIGSIZE, distance_histogram, fpr95_threshold, grouped_bars, mma_curve, pca_curve, roc_figure,
+                           roc_points, save_figure)
 
 SIZE = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))  # PIL's (width, height)
 
@@ -95,6 +96,32 @@ def test_pca_curve(baseline, tmp_path):
     _check_png(save_figure(fig, tmp_path / "pca.png"), tmp_path)
 
 
+def test_mma_curve(tmp_path):
+    curves = {"sift": np.linspace(0.2, 0.6, 10), "hardnet": np.linspace(0.3, 0.8, 10)}
+    fig = mma_curve(range(1, 11), curves)
+    for name, values in curves.items():
+        line = _gid(fig, f"mma:{name}")
+        assert list(line.get_xdata()) == list(range(1, 11)) and np.allclose(line.get_ydata(), values)
+    _check_png(save_figure(fig, tmp_path / "mma.png"), tmp_path)
+
+
+def test_grouped_bars_heights_and_intervals(tmp_path):
+    values = {"sift": {"Easy": 0.5, "Hard": 0.3, "Tough": 0.2}, "hardnet": {"Easy": 0.7, "Hard": 0.5, "Tough": 0.4}}
+    errors = {"sift": {"Easy": (0.45, 0.6), "Hard": (0.3, 0.35), "Tough": (0.1, 0.2)}}
+    fig = grouped_bars(values, "matching", "mAP", errors)
+    ax = fig.axes[0]
+    for name, per in values.items():
+        bars = [p for p in ax.patches if p.get_gid() == f"bars:{name}"]
+        assert [b.get_height() for b in bars] == list(per.values())
+        # each model's bar sits in its category's group, left to right in the models' order
+        assert [round(b.get_x() + b.get_width() / 2) for b in bars] == [0, 1, 2]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Easy", "Hard", "Tough"]
+    (caps,) = [c for c in ax.containers if getattr(c, "has_yerr", False)]  # only sift has intervals
+    segments = caps.lines[2][0].get_segments()
+    assert [(s[0][1], s[1][1]) for s in segments] == [pytest.approx(v) for v in errors["sift"].values()]
+    _check_png(save_figure(fig, tmp_path / "bars.png"), tmp_path)
+
+
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="as many FPR95 values"):
         pca_curve([16, 32], [0.1])
@@ -102,6 +129,10 @@ def test_bad_inputs_are_clear_errors():
         distance_histogram(np.ones(5), np.ones(5), "all positive")
     with pytest.raises(ValueError, match="at least one curve"):
         roc_figure({})
+    with pytest.raises(ValueError, match="3 MMA values for 10 thresholds"):
+        mma_curve(range(1, 11), {"sift": [0.1, 0.2, 0.3]})
+    with pytest.raises(ValueError, match=r"hardnet: categories \['Easy'\], expected \['Easy', 'Hard'\]"):
+        grouped_bars({"sift": {"Easy": 0.5, "Hard": 0.3}, "hardnet": {"Easy": 0.7}}, "t", "y")
 
 
 def test_save_figure_closes_pyplot_figures(tmp_path):

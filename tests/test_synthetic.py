@@ -166,6 +166,12 @@ def test_mix_counts_share_in_proportion() -> None:
 def test_parse_mix_and_bad_mixes(tmp_path: Path) -> None:
     assert synmod.parse_mix("dog-oriented=2, harris-upright,hessian-rotated-hard=0.5") == {
         "dog-oriented": 2.0, "harris-upright": 1.0, "hessian-rotated-hard": 0.5}
+    for split in ("train", "eval"):  # the named preset: its split's mix, every name a valid construction
+        varied = synmod.parse_mix("varied", split)
+        assert varied == synmod.NAMED_MIXES["varied"][split] and len(varied) >= 5
+        synmod._check_mix(varied, split)
+    # the eval preset measures variety the train preset never cuts
+    assert set(synmod.NAMED_MIXES["varied"]["eval"]) - set(synmod.NAMED_MIXES["varied"]["train"])
     with pytest.raises(ValueError, match="weight of 'dog-oriented' must be a number"):
         synmod.parse_mix("dog-oriented=lots")
     with pytest.raises(ValueError, match="unknown pair construction 'sift-upright'"):

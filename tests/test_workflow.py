@@ -1,5 +1,6 @@
 """pipeline.workflow called directly: the result objects it returns against independent
-recomputations and against what it logged to MLflow (the CLI only prints them)."""
+recomputations and against what it logged to MLflow (the CLI only prints them). The evaluation
+commands' functions are tested in tests/test_evaluation.py."""
 
 from __future__ import annotations
 
@@ -7,48 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import save_checkpoint, small_config
-from pipeline.checkpoint import model_from_checkpoint
-from pipeline.config import Config
-from pipeline.data.sequences import sequence_pairs
+from helpers import small_config
 from pipeline.data.shards import shard_paths
 from pipeline.data.stream import load_pairs
 from pipeline.evaluate import METRIC, pair_distances
 from pipeline.metrics import average_precision, fpr_at_95_recall
 from pipeline.models import create_model
+from pipeline.models.opencv import OPENCV_MODELS
 from pipeline.models.sift import SIFT
 from pipeline.protocols.common import SIFT_NAME
-from pipeline.workflow import evaluate_sequence, sweep
+from pipeline.workflow import sweep
 
-GRAF = Path(__file__).resolve().parents[1] / "data" / "oxford_graf"
-
-
-def test_evaluate_sequence_returns_the_scores_it_logs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "ckpt", create_model("l2net"),
-                           Config.model_validate({"data": {"shards": "unused"}, "model": {"arch": "l2net"}}))
-    report = evaluate_sequence(GRAF, [ckpt], n_pairs=200, seed=1, experiment="wf-eval")
-
-    pairs, labels, _ = sequence_pairs(GRAF, n_pairs=200, seed=1)
-    assert (report.pairs, report.positives) == (len(labels), int(labels.sum()))
-    for score, scored in zip(report.scores, [SIFT(pairs.shape[-1]), model_from_checkpoint(ckpt)[0]], strict=True):
-        d = pair_distances(scored, pairs)
-        assert score.fpr95 == pytest.approx(fpr_at_95_recall(d, labels))
-        assert score.ap == pytest.approx(average_precision(d, labels))
-        assert score.fpr95_low <= score.fpr95 <= score.fpr95_high
-    assert [s.name for s in report.scores] == [SIFT_NAME, ckpt]
-    assert report.table().splitlines()[2].split()[:3] == ["sift", "(kornia)", f"{report.scores[0].fpr95:.4f}"]
-
-    run = MlflowClient(report.tracking_uri).get_run(report.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["patchflow.kind"] == "evaluation"
-    assert run.data.metrics["sift/fpr95"] == pytest.approx(report.scores[0].fpr95)
-    assert run.data.metrics["model1/ap"] == pytest.approx(report.scores[1].ap) and run.data.tags["model1.name"] == ckpt
-    assert run.data.params["models"] == f"{SIFT_NAME},{ckpt}"
 
 
 def test_sweep_returns_what_it_registered_and_logged(ray_cluster, synthetic_shards, tmp_path):
@@ -90,4 +62,10 @@ def test_sweep_returns_what_it_registered_and_logged(ray_cluster, synthetic_shar
     rows = report.leaderboard.splitlines()
     assert rows[2].split()[:1] == ["hardnet"] and rows[2].endswith("champion")
     assert rows[3].startswith(SIFT_NAME) and f"{report.sift_fpr95:.4f}" in rows[3]
+    # OpenCV's baselines under SIFT (the [baselines] extra is part of [test]), on the same eval pairs
+    assert list(report.baselines) == list(OPENCV_MODELS)
+    for row, name in zip(rows[4:], OPENCV_MODELS, strict=True):
+        fpr = fpr_at_95_recall(pair_distances(create_model(name), pairs), labels)
+        assert report.baselines[name][0] == pytest.approx(fpr) == parent.data.metrics[f"{name}/{METRIC}"]
+        assert row.startswith(name) and f"{fpr:.4f}" in row
     assert np.isfinite(report.seconds)

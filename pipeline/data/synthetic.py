@@ -297,9 +297,28 @@ def _make_split(split: str, refs: list[str], n_pairs: int, patch: int, seed: int
     return pairs[order], labels, np.repeat(np.arange(n_pairs, dtype=np.int64)[:, None], 2, 1)
 
 
-def parse_mix(text: str) -> dict[str, float]:
+# Named mixes (``--train-mix varied --eval-mix varied``, what ``make demo`` cuts; issue 13). Train:
+# three detectors, upright / dominant / rotated frames, detector-like and HPatches-hard jitter, so a
+# descriptor learns what users' detectors give, not one construction. Eval: the same variety plus
+# combinations the train mix never cuts (DoG easy, Harris tough), where settings are chosen; the
+# choice (HardNet, 61k pairs, against the default all-"dog-oriented" train data on this eval split)
+# is in benchmarks/README.md. Graf (real pairs) is the test, never used to choose these.
+NAMED_MIXES: dict[str, dict[str, dict[str, float]]] = {
+    "varied": {
+        "train": {"dog-oriented": 1, "dog-upright": 1, "harris-upright": 1, "hessian-upright": 1, "dog-rotated": 1,
+                  "harris-oriented-hard": 1, "hessian-oriented-hard": 1, "hpatches-hard": 1},
+        "eval": {"dog-oriented": 1, "dog-upright": 1, "harris-upright": 1, "hessian-upright": 1,
+                 "dog-oriented-easy": 1, "hessian-oriented-hard": 1, "harris-oriented-tough": 1},
+    },
+}
+
+
+def parse_mix(text: str, split: str = "train") -> dict[str, float]:
     """``"dog-oriented=2,harris-upright=1,hessian-rotated-hard"`` -> {construction: weight} (weight
-    1 where omitted), checked: what a ``--train-mix`` / ``--eval-mix`` flag passes to ``generate_synthetic``."""
+    1 where omitted), checked: what a ``--train-mix`` / ``--eval-mix`` flag passes to ``generate_synthetic``.
+    A name of ``NAMED_MIXES`` (``"varied"``) gives that preset's mix for ``split``."""
+    if text.strip() in NAMED_MIXES:
+        return dict(NAMED_MIXES[text.strip()][split])
     mix: dict[str, float] = {}
     for item in (s.strip() for s in text.split(",")):
         name, _, weight = item.partition("=")
