@@ -18,6 +18,9 @@ Printed per variant, medians over rounds (the machine is shared: rounds alternat
 - epoch pairs/s: pairs over the wall time from one epoch's end to the next (eval, checkpoint,
   report and logging included; epoch 1 left out: it holds the start-up)
 - the ratio of each to the bare loop of the same shape (target: Ray >= 0.95x)
+- CPU ms/step: rank 0's process CPU time per training step (``StepClock``: its Ray background
+  threads included), the figure that does not depend on the machine's load; its "x bare" is
+  Ray's CPU over the bare loop's (1.0 = no overhead in the worker; > 1 = Ray costs CPU there)
 - fit s: the whole run, Ray start-up of the workers included (the cluster itself is already up)
 and, for Ray runs, where CPU time went during ``fit()`` (from /proc: the training worker, the
 Train controller, raylet / GCS / dashboard and the other Ray processes) and the worker's thread
@@ -57,9 +60,41 @@ def make_config(shards: Path, tmp: Path, *, workers: int, threads: int, epochs: 
     })
 
 
+# ---------------------------------------------------------------- CPU time per step, in both loops
+
+class StepClock:
+    """The process's CPU seconds at the start of every batch, per epoch, written to ``folder`` at the
+    end of each epoch. CPU time per step is the load-independent figure on a shared machine: wall
+    time there measures the scheduler. Process time, not thread time, so the Ray worker's own
+    background threads (core worker, gRPC, the Train V2 report thread) count against Ray."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.marks = folder, []
+
+    def on_batch(self, batch=None, *, rank: int = 0) -> None:
+        self.marks.append(time.process_time())
+
+    def after_backward(self, **_) -> None:
+        pass
+
+    def end_of_epoch(self, *, rank: int, epoch: int, model=None) -> None:
+        Path(self.folder, f"clock-rank{rank}-epoch{epoch}.json").write_text(json.dumps(self.marks))
+        self.marks = []
+
+
+def cpu_ms_per_step(folder: Path, rank: int = 0) -> float:
+    """Median over epochs of CPU ms per step between the first and the last batch of an epoch."""
+    per_epoch = []
+    for f in sorted(folder.glob(f"clock-rank{rank}-epoch*.json")):
+        marks = json.loads(f.read_text())
+        if len(marks) > 1:
+            per_epoch.append((marks[-1] - marks[0]) / (len(marks) - 1) * 1e3)
+    return statistics.median(per_epoch) if per_epoch else float("nan")
+
+
 # ---------------------------------------------------------------- the bare loop (one process per rank)
 
-def bare_rank(cfg_json: str, rank: int, world: int, out: str) -> None:
+def bare_rank(cfg_json: str, rank: int, world: int, out: str, clock_dir: str) -> None:
     """train_loop_per_worker's work without Ray: what a rank does, timed per epoch."""
     import resource
 
@@ -94,6 +129,7 @@ def bare_rank(cfg_json: str, rank: int, world: int, out: str) -> None:
     if rank == 0:
         eval_pairs, eval_labels, _ = load_eval_split(cfg.data, shard_paths(cfg.data.shards, "eval"))
     augment_rng = torch.Generator()
+    clock = StepClock(clock_dir)
     total = cfg.train.epochs * cfg.train.batches_per_epoch
     step, epochs = 0, []
     t_start = time.time()
@@ -108,6 +144,7 @@ def bare_rank(cfg_json: str, rank: int, world: int, out: str) -> None:
         objective.train()
         loss_sum, t0, c0 = 0.0, time.perf_counter(), time.process_time()
         for batch in loader:
+            clock.on_batch(batch, rank=rank)
             pairs = fliprot(batch["pairs"], augment_rng)
             b, _, p, _ = pairs.shape
             x = plan.prepare_batch(pairs.reshape(b * 2, 1, p, p))
@@ -124,6 +161,7 @@ def bare_rank(cfg_json: str, rank: int, world: int, out: str) -> None:
         shared = torch.tensor([loss_sum, fpr, 0.0], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(shared)
+        clock.end_of_epoch(rank=rank, epoch=epoch)
         epochs.append({"step_s": seconds, "step_cpu_s": cpu_seconds, "end": time.time(), "fpr": float(shared[1])})
     if world > 1:
         dist.destroy_process_group()
@@ -143,17 +181,19 @@ def _free_port() -> int:
 
 def run_bare(cfg, workers: int, tmp: Path) -> dict:
     out = tmp / f"bare-{time.time_ns()}.json"
+    clock_dir = tmp / out.stem
+    clock_dir.mkdir()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, __file__, "--bare-rank", str(r), "--world", str(workers),
-                               "--cfg", cfg.model_dump_json(), "--out", str(out)], env=env)
+                               "--cfg", cfg.model_dump_json(), "--out", str(out), "--clock-dir", str(clock_dir)], env=env)
              for r in range(workers)]
     if any(p.wait() for p in procs):
         raise SystemExit("a bare rank failed")
     elapsed = time.time() - t0
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(workers)]
     return summarise(cfg, workers, ranks[0]["epochs"], elapsed, extra={
-        "torch threads": ranks[0]["threads"], "interop threads": ranks[0]["interop"],
+        "cpu ms/step": cpu_ms_per_step(clock_dir), "torch threads": ranks[0]["threads"], "interop threads": ranks[0]["interop"],
         "cpu s": {"training processes": round(sum(r["cpu_s"] for r in ranks), 1)}})
 
 
@@ -195,8 +235,10 @@ def run_ray(cfg, workers: int, tmp: Path) -> dict:
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
     run_id = client.create_run(get_or_create_experiment(client, cfg.mlflow.experiment)).info.run_id
+    clock_dir = tmp / f"ray-{time.time_ns()}"
+    clock_dir.mkdir()
     trainer = build_trainer(cfg, name=f"overhead-{time.time_ns()}", tracking_uri=cfg.mlflow.tracking_uri,
-                            mlflow_run_id=run_id)
+                            mlflow_run_id=run_id, hooks=StepClock(str(clock_dir)))
     before = _proc_cpu()
     groups: dict[int, str] = {}  # a process keeps the most specific name it was seen with
     latest: dict[int, float] = {}
@@ -239,7 +281,7 @@ def run_ray(cfg, workers: int, tmp: Path) -> dict:
     epochs = [{"step_s": cfg.train.batches_per_epoch * cfg.train.batch_size * workers / m.value, "end": m.timestamp / 1e3}
               for m in history]
     return summarise(cfg, workers, epochs, elapsed, extra={
-        "worker threads (max)": sorted(threads.values()), "cpu s": {k: round(v, 1) for k, v in sorted(cpu.items())}})
+        "cpu ms/step": cpu_ms_per_step(clock_dir), "worker threads (max)": sorted(threads.values()), "cpu s": {k: round(v, 1) for k, v in sorted(cpu.items())}})
 
 
 def summarise(cfg, workers: int, epochs: list[dict], elapsed: float, extra: dict) -> dict:
@@ -266,10 +308,11 @@ def main() -> None:
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cfg", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--clock-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_rank is not None:
         os.environ.update(RANK=str(args.bare_rank), WORLD_SIZE=str(args.world))
-        return bare_rank(args.cfg, args.bare_rank, args.world, args.out)
+        return bare_rank(args.cfg, args.bare_rank, args.world, args.out, args.clock_dir)
 
     # A Ray of our own: init_ray joins a `ray start` head recorded in $RAY_TMPDIR/ray/ray_current_cluster
     # (another user's, on a shared machine), whose daemons and load are not what this run measures.
@@ -302,17 +345,20 @@ def main() -> None:
                 print(f"round {rnd + 1} {kind}-{shape}: " + json.dumps(r), flush=True)
         if ray.is_initialized():
             ray.shutdown()
-    print("\n| variant | step pairs/s (each round) | x bare | epoch pairs/s | x bare | fit s | CPU s: training processes | CPU s: rest of Ray | rounds |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("step", "epoch", "fit_s")} for v, rs in results.items()}
+    print("\n| variant | step pairs/s (each round) | x bare | epoch pairs/s | x bare | CPU ms/step, rank 0 (each round) | x bare | fit s | CPU s: training processes | CPU s: rest of Ray | rounds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("step", "epoch", "fit_s", "cpu ms/step")}
+           for v, rs in results.items()}
     for v, m in med.items():
         bare = med.get("bare-" + v.split("-")[1])
         ratio = (lambda k: f"{m[k] / bare[k]:.3f}") if bare else (lambda k: "-")
         spread = ", ".join(f"{r['step']:.0f}" for r in results[v])
+        cpu_spread = ", ".join(f"{r['cpu ms/step']:.0f}" for r in results[v])
         train_cpu = statistics.median(r["cpu s"]["training processes"] for r in results[v])
         rest = statistics.median(sum(c for g, c in r["cpu s"].items() if g not in ("training processes", "driver"))
                                  for r in results[v])
-        print(f"| {v} | {m['step']:.0f} ({spread}) | {ratio('step')} | {m['epoch']:.0f} | {ratio('epoch')} | {m['fit_s']:.0f} "
+        print(f"| {v} | {m['step']:.0f} ({spread}) | {ratio('step')} | {m['epoch']:.0f} | {ratio('epoch')} "
+              f"| {m['cpu ms/step']:.0f} ({cpu_spread}) | {ratio('cpu ms/step')} | {m['fit_s']:.0f} "
               f"| {train_cpu:.0f} | {rest:.0f} | {len(results[v])} |")
 
 
