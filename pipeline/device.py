@@ -111,7 +111,16 @@ class CpuSetting:
 # HardNet training step (forward + hardest-in-batch loss + backward + SGD), per CPU feature set.
 # amx: 2-core Xeon (Sapphire Rapids, AMX-BF16), batch 256, 2 threads (benchmarks/cpu_train.py, 2026-11-30):
 #   fp32 201 pairs/s, fp32 channels_last 294, bf16 400, bf16 + channels_last 610.
-# avx512 / avx2: FILLED IN FROM benchmarks/cpu_step.py
+# avx512 / avx2: 2-vCPU Xeon (family 6 model 207; avx2 avx512f avx512_vnni, no avx512_bf16, no AMX),
+#   HardNet batch 128, 1 thread, process CPU ms per step (the machine was shared ~10-30 deep, so wall
+#   time measured the scheduler), medians of 3 interleaved rounds (benchmarks/cpu_step.py, 2026-12-01):
+#   avx512: channels_last 955 ms (134 pairs/s) vs contiguous 1177; oneDNN off 2400 / 2017.
+#   avx2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2; oneDNN ran its avx2 jit/brgemm kernels):
+#   channels_last 1313 ms (97 pairs/s) vs contiguous 1599; oneDNN off 2179 / 2121.
+#   channels_last won in every round on both (rounds varied 1.05-1.66x), so fp32 + channels_last +
+#   oneDNN (torch's default) on both. bf16 stays off: this CPU has no AVX512_BF16 or AMX, so
+#   bf16 convolutions would be emulated (not measured here; the amx rule keeps its figure above).
+# baseline (no AVX2): not measured; the avx2 choice.
 CPU_SETTINGS: dict[CpuTier, CpuSetting] = {
     "amx": CpuSetting(torch.bfloat16, True),
     "avx512": CpuSetting(None, True),
