@@ -22,7 +22,7 @@ Printed per variant, medians over rounds (the machine is shared: rounds alternat
   threads included), the figure that does not depend on the machine's load; its "x bare" is
   Ray's CPU over the bare loop's (1.0 = no overhead in the worker; > 1 = Ray costs CPU there)
 - fit s: the whole run, Ray start-up of the workers included (the cluster itself is already up)
-and, for Ray runs, where CPU time went during ``fit()`` (from /proc: the training worker, the
+and, for Ray runs, where CPU time went during ``fit()`` (from /proc, this run's processes only: the training worker, the
 Train controller, raylet / GCS / dashboard and the other Ray processes) and the worker's thread
 settings (OMP_NUM_THREADS that Ray set, torch's intra-op threads, the process's thread count).
 """
@@ -200,9 +200,10 @@ def run_bare(cfg, workers: int, tmp: Path) -> dict:
 # ---------------------------------------------------------------- Ray Train
 
 def _proc_cpu() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, user+system CPU seconds) of every process on the machine (/proc)."""
+    """pid -> (command line, user+system CPU seconds) of this process and its descendants (/proc):
+    the local cluster init_ray started (raylet, GCS, dashboard, workers), not another user's Ray."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = {}
+    out, parent = {}, {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -210,9 +211,18 @@ def _proc_cpu() -> dict[int, tuple[str, float]]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
             out[int(d.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+            parent[int(d.name)] = int(fields[1])
         except (OSError, IndexError, ValueError):
             continue
-    return out
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return {pid: v for pid, v in out.items() if ours(pid)}
 
 
 def _ray_group(cmd: str) -> str | None:
