@@ -22,9 +22,9 @@ Printed per variant, medians over rounds (the machine is shared: rounds alternat
   threads included), the figure that does not depend on the machine's load; its "x bare" is
   Ray's CPU over the bare loop's (1.0 = no overhead in the worker; > 1 = Ray costs CPU there)
 - fit s: the whole run, Ray start-up of the workers included (the cluster itself is already up)
-and, for Ray runs, where CPU time went during ``fit()`` (from /proc, this run's processes only: the training worker, the
-Train controller, raylet / GCS / dashboard and the other Ray processes) and the worker's thread
-settings (OMP_NUM_THREADS that Ray set, torch's intra-op threads, the process's thread count).
+and, for Ray runs, where CPU time went during ``fit()`` (from /proc, this run's processes only: the
+training worker, the Train controller, raylet / GCS / dashboard and the other Ray processes) and the
+worker process's thread count.
 """
 
 from __future__ import annotations
