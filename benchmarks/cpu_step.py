@@ -272,8 +272,8 @@ def main() -> None:
                     rows.append(json.loads(line))
                     log.write(line)
                     log.flush()
-            if proc.wait():
-                raise SystemExit(f"child {isa} failed (its stderr is above)")
+            if rc := proc.wait():  # a negative code is the signal that ended it (OOM killer: -9)
+                raise SystemExit(f"child {isa} failed with exit code {rc} (its stderr is above)")
             print(f"round {rnd + 1}/{args.rounds} {isa} done", file=sys.stderr, flush=True)
     report(rows)
 
