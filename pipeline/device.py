@@ -4,9 +4,14 @@ production runs differ in one place only."""
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+CpuTier = Literal["amx", "avx512", "avx2", "baseline"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,7 @@ class DevicePlan:
     # cache: 1.1-1.9x faster than 1024 for every architecture on 1 and 2 threads
     # (benchmarks/cpu_eval.py; HardNet, 4000 patches, one core: 2.4 s against 4.1 s).
     eval_batch_size: int = 1024
+    cpu_tier: CpuTier | None = None  # the CPU feature set the settings were chosen for (None on a GPU)
 
     @property
     def is_cuda(self) -> bool:
@@ -44,22 +50,94 @@ class DevicePlan:
         return x
 
 
-def cpu_has_amx() -> bool:
-    """Intel AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 convolutions on them."""
+# oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) in oneDNN's own order; a cap below a feature hides it from
+# the convolutions, so the plan must not count on it (bf16 without AMX kernels is emulated: slow).
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
+                "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+
+
+def _onednn_allows(feature: str, cap: str | None) -> bool:
+    if not cap or cap.upper() in ("ALL", "DEFAULT") or cap.upper() not in _ONEDNN_ISAS:
+        return True
+    rank = _ONEDNN_ISAS.index(cap.upper())
+    first = {"avx2": "AVX2", "avx512": "AVX512_CORE", "avx512_bf16": "AVX512_CORE_BF16", "amx": "AVX10_1_512_AMX"}[feature]
+    return rank >= _ONEDNN_ISAS.index(first) and (feature != "amx" or "AMX" in cap.upper())
+
+
+def cpu_features() -> frozenset[str]:
+    """This process's usable CPU features among avx2, avx512, avx512_bf16, amx: what the CPU has
+    (cpuinfo, through torch), less what ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA switch off (so an
+    AVX-512 machine run with both capped at AVX2 plans like an AVX2 machine)."""
+    capability = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    probes = {
+        "avx2": capability in ("AVX2", "AVX512"),
+        "avx512": capability == "AVX512",
+        "avx512_bf16": capability == "AVX512" and _probe("_is_avx512_bf16_supported"),
+        "amx": _probe("_is_amx_tile_supported"),
+    }
+    return frozenset(f for f, present in probes.items() if present and _onednn_allows(f, cap))
+
+
+def _probe(name: str) -> bool:
     try:
-        return bool(torch.cpu._is_amx_tile_supported())
+        return bool(getattr(torch.cpu, name)())
     except AttributeError:  # an older torch without the probe
         return False
 
 
-def plan_for(use_gpu: bool, device: torch.device | None = None) -> DevicePlan:
-    """GPU: NCCL, bf16 autocast, channels_last. CPU: gloo, channels_last (oneDNN's preferred
-    layout), bf16 autocast only with AMX. Measured on a 2-core Xeon with AMX, HardNet training at
-    batch 256: fp32 201 pairs/s, channels_last 294, bf16 + channels_last 610 (benchmarks/cpu_train.py);
-    without AMX, bf16 is emulated and slower than fp32."""
+def cpu_has_amx() -> bool:
+    """Intel AMX tiles (Sapphire Rapids and later) that oneDNN may use for bf16 convolutions."""
+    return "amx" in cpu_features()
+
+
+def cpu_tier(features: Iterable[str]) -> CpuTier:
+    """The feature set the CPU plan is chosen by: the best of amx > avx512 > avx2 > baseline.
+    AVX512_BF16 without AMX counts as avx512: bf16 there was never measured against fp32."""
+    features = set(features)
+    for tier in ("amx", "avx512", "avx2"):
+        if tier in features:
+            return tier  # type: ignore[return-value]
+    return "baseline"
+
+
+@dataclass(frozen=True)
+class CpuSetting:
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+
+# HardNet training step (forward + hardest-in-batch loss + backward + SGD), per CPU feature set.
+# amx: 2-core Xeon (Sapphire Rapids, AMX-BF16), batch 256, 2 threads (benchmarks/cpu_train.py, 2026-11-30):
+#   fp32 201 pairs/s, fp32 channels_last 294, bf16 400, bf16 + channels_last 610.
+# avx512 / avx2: 2-vCPU Xeon (family 6 model 207; avx2 avx512f avx512_vnni, no avx512_bf16, no AMX),
+#   HardNet batch 128, 1 thread, process CPU ms per step (the machine was shared ~10-30 deep, so wall
+#   time measured the scheduler), medians of 3 interleaved rounds (benchmarks/cpu_step.py, 2026-12-01):
+#   avx512: channels_last 955 ms (134 pairs/s) vs contiguous 1177; oneDNN off 2400 / 2017.
+#   avx2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2; oneDNN ran its avx2 jit/brgemm kernels):
+#   channels_last 1313 ms (97 pairs/s) vs contiguous 1599; oneDNN off 2179 / 2121.
+#   channels_last won in every round on both (rounds varied 1.05-1.66x), so fp32 + channels_last +
+#   oneDNN (torch's default) on both. bf16 stays off: this CPU has no AVX512_BF16 or AMX, so
+#   bf16 convolutions would be emulated (not measured here; the amx rule keeps its figure above).
+# baseline (no AVX2): not measured; the avx2 choice.
+CPU_SETTINGS: dict[CpuTier, CpuSetting] = {
+    "amx": CpuSetting(torch.bfloat16, True),
+    "avx512": CpuSetting(None, True),
+    "avx2": CpuSetting(None, True),
+    "baseline": CpuSetting(None, True),
+}
+
+
+def plan_for(use_gpu: bool, device: torch.device | None = None, features: Iterable[str] | None = None) -> DevicePlan:
+    """GPU: NCCL, bf16 autocast, channels_last. CPU: gloo and the fastest measured setting for the
+    CPU's feature set (``CPU_SETTINGS``; ``features`` defaults to this process's ``cpu_features()``)."""
     if use_gpu:
         return DevicePlan(device or torch.device("cuda"), "nccl", torch.bfloat16, True)
-    return DevicePlan(device or torch.device("cpu"), "gloo", torch.bfloat16 if cpu_has_amx() else None, True, eval_batch_size=128)
+    tier = cpu_tier(cpu_features() if features is None else features)
+    setting = CPU_SETTINGS[tier]
+    return DevicePlan(device or torch.device("cpu"), "gloo", setting.amp_dtype, setting.channels_last,
+                      eval_batch_size=128, cpu_tier=tier)
 
 
 def gpu_count() -> int:
