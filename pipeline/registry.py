@@ -17,7 +17,6 @@ version logged by an older patchflow (a pickle) is refused with the command that
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import subprocess
