@@ -23,6 +23,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.shards import SourceError
 from pipeline.data.stream import load_eval_pairs, load_eval_split
 from pipeline.evaluate import METRIC, pair_distances, pca_dimension_curve, pca_fit_patches
+from pipeline.hooks import TrainHooks
 from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
 from pipeline.models import create_model, list_models, model_info
 from pipeline.models.sift import SIFT
@@ -98,14 +99,15 @@ class TrainOutcome:
     pending: list[str] = field(default_factory=list)  # what MLflow could not take yet (patchflow sync sends it)
 
 
-def train(cfg: Config) -> TrainOutcome:
+def train(cfg: Config, *, hooks: TrainHooks | None = None) -> TrainOutcome:
     """One training run. Re-running with the same ``run.name`` resumes the Ray Train run and logs
-    into the same MLflow run."""
+    into the same MLflow run. MLflow must answer at the start; after that an outage costs nothing:
+    what could not be sent is in ``TrainOutcome.pending`` (``sync`` sends it). ``hooks``: see
+    ``pipeline.hooks`` (tests inject faults)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.cluster import init_ray
     from pipeline.train import build_trainer, preflight
-
 
     shard_urls = preflight(cfg)
     name = cfg.run.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -122,7 +124,7 @@ def train(cfg: Config) -> TrainOutcome:
     status = "FAILED"  # whatever stops the run before fit() returns, the trainer's build included
     try:
         init_ray()
-        trainer = build_trainer(cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id, shard_urls=shard_urls)
+        trainer = build_trainer(cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id, shard_urls=shard_urls, hooks=hooks)
         result = trainer.fit()
         status = "FINISHED"
     finally:
