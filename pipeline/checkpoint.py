@@ -52,10 +52,11 @@ def save_state(
     )
 
 
-def _refused_global(e: Exception) -> str:
-    """``io.open`` out of torch's long weights-only message (which recommends allow-listing it: we do not)."""
+def _refused_global(e: Exception) -> str | None:
+    """``io.open`` out of torch's long weights-only message (which recommends allow-listing it: we do not);
+    None when the pickle asks for no global (a damaged or foreign file)."""
     m = re.search(r"GLOBAL (\S+)", str(e))
-    return m.group(1) if m else "an object of a type outside torch's allow-list"
+    return m.group(1) if m else None
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
@@ -67,8 +68,12 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{checkpoint_dir}: not a training checkpoint folder (expected a {CHECKPOINT_FILE} in it)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # what torch raises for a global outside its allow-list
-        raise CheckpointError(f"{path}: refused: it asks to load {_refused_global(e)}, not just tensors and plain values; "
+    except pickle.UnpicklingError as e:  # what torch raises for a global outside its allow-list (and for garbage)
+        refused = _refused_global(e)
+        if refused is None:  # torch's reason is the first line after its long preamble
+            reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: refused: it asks to load {refused}, not just tensors and plain values; "
                               f"loading it could run code (only checkpoints written by patchflow's training are accepted)") from None
     except Exception as e:  # truncated or foreign files: zip / pickle errors of many types
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
