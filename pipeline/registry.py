@@ -309,8 +309,9 @@ def register_checkpoint(
     from mlflow.models import Model
 
     card = model_card(model, trained_cfg.model.arch, trained_cfg.model.factory_kwargs())
-    info = Model.log(None, _FLAVOR_MODULE, name="model", run_id=run_id, registered_model_name=name,
-                     model=model, card=card, signature=_signature(model))
+    with mlflow.start_run(run_id=run_id):  # the logged model joins the run's experiment, not experiment 0's ./mlruns
+        info = Model.log(None, _FLAVOR_MODULE, name="model", run_id=run_id, registered_model_name=name,
+                         model=model, card=card, signature=_signature(model))
     client.log_metric(run_id, f"registered_{METRIC}", fpr)
     version = str(info.registered_model_version)
     tags = {

@@ -68,6 +68,7 @@ def test_registered_models_are_tensors_and_a_card_and_load_back_exactly(registry
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
             torch.testing.assert_close(torch.from_numpy(mlflow.pyfunc.load_model(uri_model).predict(x.numpy())), model(x))
+    assert not (tmp_path / "mlruns").exists()  # the models went to the run's experiment, not experiment 0's ./mlruns
 
 
 def _plant_pickled_version(client: MlflowClient, run_id: str, name: str, target: Path, folder: Path, checkpoint: str = ""):
