@@ -3,6 +3,10 @@
     patchflow shards synthetic --out shards/
     patchflow train --config configs/train.yaml [--set train.epochs=5]
     patchflow sweep --config configs/sweeps/demo.yaml
+
+Errors are one line on stderr: exit 2 for usage, config and data errors (a bad file, key, shard,
+checkpoint or registered model), 1 for runtime failures (MLflow unreachable, a failed training run).
+PATCHFLOW_DEBUG=1 shows the traceback of a runtime failure.
 """
 
 from __future__ import annotations
@@ -131,6 +135,9 @@ def cmd_train(args) -> int:
     out = train(_load(args), verbose=args.verbose)
     print(f"[patchflow] run {out.name}: {METRIC}={out.metrics.get(METRIC):.4f} after {out.metrics.get('epoch')} epoch(s)")
     print(f"[patchflow] checkpoint: {out.checkpoint_path}; MLflow run {out.mlflow_run_id} at {out.tracking_uri}")
+    if out.pending:
+        print(f"[patchflow] warning: MLflow did not take everything; kept in {', '.join(out.pending)}: "
+              f"patchflow sync --storage {Path(out.pending[0]).parent.parent} sends it", file=sys.stderr)
     return 0
 
 
@@ -153,6 +160,23 @@ def cmd_promote(args) -> int:
     promote_registered(args.model, shards=args.shards, eval_pairs=args.eval_pairs, min_improvement=args.min_improvement,
                        dry_run=args.dry_run, gate=args.gate)  # prints its comparison
     return 0
+
+
+def cmd_register(args) -> int:
+    from pipeline.workflow import register
+
+    reg = register(args.checkpoint, shards=args.shards, model_name=args.name)  # prints the registration
+    print(f"[patchflow] next: patchflow promote --model {reg.model_name}")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from pipeline.workflow import sync
+
+    result = sync(args.storage, args.tracking_uri)
+    if not (result.sent or result.left or result.skipped):
+        print(f"[patchflow] nothing pending under {args.storage}")
+    return 1 if result.left else 0
 
 
 def cmd_export(args) -> int:
@@ -216,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--gate", metavar="KIND:DIR[:METRIC]", help=GATE_HELP)
     pr.set_defaults(func=cmd_promote)
 
+    rg = sub.add_parser("register", help="register a training checkpoint's model (tensors + model card) as the challenger")
+    rg.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (holding state.pt)")
+    rg.add_argument("--shards", help="shard folder whose eval split scores it (default: the checkpoint's data.shards)")
+    rg.add_argument("--name", help="registered model name (default: the checkpoint config's mlflow.registered_model)")
+    rg.set_defaults(func=cmd_register)
+
+    sy = sub.add_parser("sync", help="send to MLflow what runs could not send during an outage (their pending files)")
+    sy.add_argument("--storage", default="runs", help="run.storage_path of the runs (default: runs)")
+    sy.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
+    sy.set_defaults(func=cmd_sync)
+
     ex = sub.add_parser("export", help="write a standalone descriptor file (TorchScript or ONNX)")
     ex.add_argument("--model", required=True, help="models:/patchflow-hardnet@champion, runs:/..., or a checkpoint folder")
     ex.add_argument("--format", choices=["torchscript", "onnx"], required=True)
@@ -263,17 +298,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.data.shards import ShardError
     from pipeline.data.stream import StreamError
+    from pipeline.registry import RegistryError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ShardError, StreamError) as e:
+    except (ConfigError, ShardError, StreamError, CheckpointError, RegistryError) as e:  # the input is wrong
         print(f"patchflow: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a runtime failure: one line, the traceback on request
+        if os.environ.get("PATCHFLOW_DEBUG"):
+            raise
+        print(f"patchflow: error: {_runtime_message(e)} (PATCHFLOW_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _runtime_message(e: BaseException) -> str:
+    """Its first line, and that of its root cause (a failed training run wraps the worker's error)."""
+    from pipeline.tracking import TrackingError, first_line
+
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(e, TrackingError) or root is e:
+        return first_line(e)
+    return f"{first_line(e)} ({first_line(root)})"
 
 
 if __name__ == "__main__":

@@ -551,9 +551,15 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
     if not model_info(cfg.model.arch).trainable:
         problems.append(f"model.arch: {cfg.model.arch!r} is a fixed baseline, not trainable (it is evaluated in every table)")
     try:  # option values only the model's constructor checks (e.g. Siamese's input_size: 32 or 64)
-        create_model(cfg.model.arch, **cfg.model.factory_kwargs())
+        built = create_model(cfg.model.arch, **cfg.model.factory_kwargs())
     except ValueError as e:
         problems.append(f"model: {e}")
+        built = None
+    if cfg.sweep is not None and built is not None:  # the configured model's own size, not the default's
+        too_big = [d for d in cfg.sweep.pca_dims if not 1 <= d <= built.descriptor_dim]
+        if too_big:
+            problems.append(f"sweep.pca_dims: expected dims in [1, {built.descriptor_dim}] ({cfg.model.arch}'s descriptor "
+                            f"size with this config), got {too_big}")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:
         problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")
@@ -570,7 +576,11 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
         for key, domain in cfg.sweep.search_space.items():
             for value in domain.candidates():
                 try:
-                    cfg.with_updates({key: value})
+                    candidate = cfg.with_updates({key: value})
+                    if key.startswith("model."):  # what only the constructor checks (HardNet8's pca_dim <= 512)
+                        create_model(candidate.model.arch, **candidate.model.factory_kwargs())
                 except ValidationError as e:
                     problems.append(f"sweep.search_space.{key}: value {value!r} is invalid: {_describe(e.errors()[0])}")
+                except ValueError as e:
+                    problems.append(f"sweep.search_space.{key}: value {value!r} is invalid: model: {e}")
     return problems

@@ -2,13 +2,15 @@
 
 The loop calls every hook unconditionally; the base class does nothing, so the hot loop carries no
 test branches. The hooks here are what the tests inject: fault injection (``FailOnce``), which pairs a
-rank read and on which node (``RecordReads``), and each rank's weights (``DumpParams``). A hooks object
+rank read and on which node (``RecordReads``), each rank's weights (``DumpParams``), and a pause in which
+the test acts on the world outside (``HandOff``: e.g. stops the tracking server). A hooks object
 is pickled to every worker, so each rank (and each restarted worker) holds its own copy.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,24 @@ class DumpParams(TrainHooks):
 
     def end_of_epoch(self, *, rank, epoch, model):
         torch.save(model.state_dict(), Path(self.directory) / f"rank{rank}-epoch{epoch}.pt")
+
+
+@dataclass
+class HandOff(TrainHooks):
+    """On rank 0 at the end of each epoch in ``actions`` ({epoch: name}): write ``{name}.request`` into
+    ``directory`` and wait for the test to write ``{name}.done`` (once: a restarted worker goes on)."""
+
+    directory: str
+    actions: dict[int, str]
+    timeout_s: float = 300.0
+
+    def end_of_epoch(self, *, rank, epoch, model):
+        name = self.actions.get(epoch)
+        if rank != 0 or name is None or (Path(self.directory) / f"{name}.done").exists():
+            return
+        (Path(self.directory) / f"{name}.request").write_text(f"epoch {epoch}")
+        deadline = time.monotonic() + self.timeout_s
+        while not (Path(self.directory) / f"{name}.done").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"HandOff: nobody answered {name}.request in {self.directory}")
+            time.sleep(0.2)

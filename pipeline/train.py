@@ -101,6 +101,7 @@ class _Worker:
             if state.get("plan"):
                 self.step_plan = StepPlan.from_dict(state["plan"])
                 self.budget_start = time.time() - state["budget_elapsed_s"]
+        self.history: list[dict[str, Any]] = state.get("metrics", []) if checkpoint is not None else []
         self.loss_rng = torch.Generator().manual_seed(t.seed * 7919 + self.rank)  # in-batch negatives
         # DDP wraps the objective (model + loss), so everything the loss uses is inside one forward.
         self.objective = ray.train.torch.prepare_model(PairObjective(model, cfg.model.arch, cfg.loss, self.loss_rng))
@@ -118,10 +119,11 @@ class _Worker:
             self.batches_per_epoch = self.step_plan.batches_per_epoch
         self.first_batch_s = 0.0
         self.logger = RunLogger(loop_config["tracking_uri"], self.run_id) if self.rank == 0 else None
-        # A resumed run can restart from an earlier checkpoint than its last logged epoch, or from none
-        # at all (killed before Ray recorded the first checkpoint): epochs already in MLflow are kept.
-        self.logged_epochs = self.logger.logged_steps(METRIC) if self.rank == 0 else set()
         if self.rank == 0:
+            # The checkpoint carries every epoch's metrics: what MLflow lacks (an outage, a kill after the
+            # report) is sent now; ``once_key`` skips epochs MLflow has, asked when the server answers.
+            for metrics in self.history:
+                self.logger.metrics(metrics, step=metrics["epoch"], once_key=METRIC)
             self.eval_pairs, self.eval_labels, _ = load_eval_split(cfg.data, urls["eval"])  # checksums verified again here
         self.augment_rng = torch.Generator().manual_seed(t.seed * 1000 + self.rank)
         self.jitter = make_jitter(t.augment_rotation_deg, t.augment_scale)
@@ -291,13 +293,14 @@ class _Worker:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
+        # Logged before the checkpoint is reported, and carried in it: a kill after the report loses nothing.
+        # Epochs are deterministic (seeded per epoch), so a re-run epoch's figures are the same: logged once.
+        self.history.append(metrics)
+        self.logger.metrics(metrics, step=epoch + 1, once_key=METRIC)
         with tempfile.TemporaryDirectory() as tmp:
             save_state(Path(tmp), model=self.model, optimizer=self.optimizer, epoch=epoch, step=self.step,
-                       mlflow_run_id=self.run_id, cfg=self.cfg, pca=pca, extra=self.plan_state())
+                       mlflow_run_id=self.run_id, cfg=self.cfg, pca=pca, metrics=self.history, extra=self.plan_state())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        # Epochs are deterministic (seeded per epoch), so a re-run epoch's figures are the same.
-        if epoch + 1 not in self.logged_epochs:
-            self.logger.metrics(metrics, step=epoch + 1)
 
 
 def epoch_line(label: str, metrics: dict[str, Any]) -> str:
@@ -331,6 +334,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         stats = worker.train_epoch(epoch)
         fpr, pca = worker.evaluate()
         worker.report(epoch, stats, fpr, pca)
+    if worker.logger is not None:  # rank 0: flush; what MLflow still lacks goes beside the checkpoints
+        import ray.train
+
+        worker.logger.close(f"{str(worker.cfg.run.storage_path).rstrip('/')}/{ray.train.get_context().get_experiment_name()}")
 
 
 def preflight(cfg: Config) -> dict[str, list[str]]:

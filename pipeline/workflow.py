@@ -8,6 +8,7 @@ directly. Long steps report progress through a ``progress`` callable (one line p
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,21 +19,26 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from pipeline.checkpoint import model_from_checkpoint
+from pipeline.checkpoint import load_state, model_from_checkpoint
 from pipeline.config import Config, ConfigError, GateConfig, parse_gate
+from pipeline.data.shards import SourceError
 from pipeline.data.stream import load_eval_pairs, load_eval_split
 from pipeline.evaluate import METRIC, describe, pair_distances, pca_dimension_curve, pca_fit_patches
+from pipeline.hooks import TrainHooks
 from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
 from pipeline.models import create_model, list_models, model_info
 from pipeline.models.sift import SIFT
 from pipeline.pca import attach_pca, pca_head_dim
 from pipeline.protocols.common import SIFT_NAME, metric_key, row_distances, text_table
 from pipeline.registry import (CHALLENGER, CHAMPION, Gate, Promotion, Registration, load_descriptor, promote,
-                               register_checkpoint)
-from pipeline.tracking import RunLogger, get_or_create_experiment, resolve_tracking_uri
+                               register_checkpoint, registered_version)
+from pipeline.tracking import (RunLogger, SyncResult, TrackingError, finish_run, first_line, get_or_create_experiment,
+                               guarded, pending_files, resolve_tracking_uri, sync_pending)
 from pipeline.tune import SweepResult, TrialOutcome, effect_of, find_sweep, new_sweep_id, run_sweep, start_parent_run
 
 Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
+MIN_POSITIVES = 20  # below this, FPR95 (the distance at which 95% of positives match) is not a measurement
 
 
 def _say(line: str) -> None:
@@ -49,7 +55,36 @@ def load_model(spec: str) -> torch.nn.Module:
             raise ConfigError(f"--model {spec}: a trainable architecture needs its weights: give a checkpoint folder "
                               f"or a registered model (models:/patchflow-{spec}@champion)")
         return create_model(spec).eval()
+    if ":/" not in spec:
+        raise ConfigError(f"--model {spec}: expected a checkpoint folder, an MLflow model URI (models:/NAME@ALIAS, "
+                          f"runs:/RUN_ID/model) or an untrained baseline ({', '.join(n for n in list_models() if not model_info(n).trainable)})")
     return load_descriptor(spec)
+
+
+def _open_run(client, cfg: Config, name: str) -> str:
+    """The MLflow run of Ray Train run ``name``: found by its tag (a resumed run), else created."""
+    experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`patchflow.run_name` = '{name}'", max_results=1)
+    if existing:
+        return existing[0].info.run_id
+    run_id = client.create_run(experiment_id, run_name=name,
+                               tags={"patchflow.run_name": name, "patchflow.kind": "train"}).info.run_id
+    logger = RunLogger(client.tracking_uri, run_id)
+    logger.params(cfg.model_dump(mode="json"))
+    if logger.flush(attempts=1):
+        raise TrackingError(f"run {run_id} created, its parameters not logged")
+    return run_id
+
+
+def sync(storage: str | Path, tracking_uri: str | None = None, progress: Progress = _say) -> SyncResult:
+    """Send what runs under ``storage`` could not send to MLflow (their pending files); see
+    ``pipeline.tracking.sync_pending``. Never raises for an unreachable server: files are kept."""
+    result = sync_pending(str(storage), tracking_uri)
+    if result.sent:
+        progress(f"[patchflow] sent {len(result.sent)} pending MLflow file(s) from {storage}")
+    if result.left:
+        progress(f"[patchflow] MLflow still unreachable: {len(result.left)} pending file(s) kept in {storage}")
+    return result
 
 
 # ---- train ---------------------------------------------------------------------------------------
@@ -62,12 +97,15 @@ class TrainOutcome:
     tracking_uri: str
     metrics: dict[str, Any]  # the last reported epoch's
     checkpoint_path: str | None
+    pending: list[str] = field(default_factory=list)  # what MLflow could not take yet (patchflow sync sends it)
 
 
-def train(cfg: Config, *, verbose: bool = False, progress: Progress = _say) -> TrainOutcome:
+def train(cfg: Config, *, hooks: TrainHooks | None = None, verbose: bool = False, progress: Progress = _say) -> TrainOutcome:
     """One training run. Re-running with the same ``run.name`` resumes the Ray Train run and logs
-    into the same MLflow run. ``progress`` gets one line per epoch; ``verbose`` shows Ray's own
-    output too (otherwise in its log files)."""
+    into the same MLflow run. MLflow must answer at the start; after that an outage costs nothing:
+    what could not be sent is in ``TrainOutcome.pending`` (``sync`` sends it). ``progress`` gets one
+    line per epoch; ``verbose`` shows Ray's own output too (otherwise in its log files). ``hooks``:
+    see ``pipeline.hooks`` (tests inject faults)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.cluster import init_ray, line_relay, ray_log_dir
@@ -76,26 +114,30 @@ def train(cfg: Config, *, verbose: bool = False, progress: Progress = _say) -> T
     shard_urls = preflight(cfg)
     name = cfg.run.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    storage = str(cfg.run.storage_path).rstrip("/")
+    guarded(f"sending pending files under {storage}", lambda: sync(storage, uri))
     client = MlflowClient(uri)
-    experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`patchflow.run_name` = '{name}'", max_results=1)
-    run_id = existing[0].info.run_id if existing else client.create_run(
-        experiment_id, run_name=name, tags={"patchflow.run_name": name, "patchflow.kind": "train"}
-    ).info.run_id
-    if not existing:
-        RunLogger(uri, run_id).params(cfg.model_dump(mode="json"))
-    init_ray(verbose=verbose)
-    _say_where_logs_are(verbose, ray_log_dir(), progress)
     try:
+        run_id = _open_run(client, cfg, name)
+    except Exception as e:  # noqa: BLE001 - nothing has started yet: one line, and nothing to clean up
+        raise TrackingError(f"MLflow at {uri}: cannot open the run ({first_line(e)}); start the server or set "
+                            f"mlflow.tracking_uri / MLFLOW_TRACKING_URI") from e
+    run_dir = f"{storage}/{name}"
+    status = "FAILED"  # whatever stops the run before fit() returns, the trainer's build included
+    try:
+        init_ray(verbose=verbose)
+        _say_where_logs_are(verbose, ray_log_dir(), progress)
         with line_relay(progress) as relay:
             trainer = build_trainer(cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id, shard_urls=shard_urls,
-                                    callbacks=[epoch_lines(name, relay)])
+                                    hooks=hooks, callbacks=[epoch_lines(name, relay)])
             result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return TrainOutcome(name, run_id, uri, dict(result.metrics), result.checkpoint.path if result.checkpoint else None)
+        status = "FINISHED"
+    finally:
+        # the workers' leftovers first (the server may be back by now), then the run's status: neither is lost
+        guarded("sending the run's pending files", lambda: sync_pending(run_dir, uri))
+        finish_run(client, run_id, status, run_dir)
+    return TrainOutcome(name, run_id, uri, dict(result.metrics), result.checkpoint.path if result.checkpoint else None,
+                        pending=guarded("listing pending files", lambda: pending_files(run_dir), []))
 
 
 def _say_where_logs_are(verbose: bool, log_dir: str | None, progress: Progress) -> None:
@@ -179,10 +221,10 @@ def _with_best_pca(cfg: Config, best: TrialOutcome, train_urls: list[str], pairs
     curve = pca_dimension_curve(model, pca_fit_patches(train_urls), pairs, labels, cfg.sweep.pca_dims)
     arch = cfg.model.arch
     for dim, fpr, _ in curve:
-        client.log_metric(parent_id, f"{arch}/pca_fpr95", fpr, step=dim)
+        guarded(f"logging {arch}/pca_fpr95", lambda: client.log_metric(parent_id, f"{arch}/pca_fpr95", fpr, step=dim))
     with tempfile.TemporaryDirectory() as tmp:
         path = save_figure(pca_curve([d for d, _, _ in curve], [f for _, f, _ in curve], best.best_fpr95), Path(tmp) / f"pca_{arch}.png")
-        client.log_artifact(parent_id, str(path), "plots")
+        guarded(f"logging {path.name}", lambda: client.log_artifact(parent_id, str(path), "plots"))
     dim, fpr, (components, mean) = min(curve, key=lambda c: c[1])
     progress(f"[patchflow] {arch}: PCA curve " + ", ".join(f"{d}:{f:.4f}" for d, f, _ in curve)
              + f" (no PCA: {best.best_fpr95:.4f})")
@@ -229,11 +271,17 @@ def sweep(
     # every architecture's data problems surface before the first trial starts; checksums once each
     verified = [preflight(cfg) for cfg in configs]
     first = configs[0]
+    uri = resolve_tracking_uri(first.mlflow.tracking_uri)
+    for storage in sorted({str(c.run.storage_path).rstrip("/") for c in configs}):
+        guarded(f"sending pending files under {storage}", lambda: sync(storage, uri, progress))
     if not resume_id:
         sweep_id = new_sweep_id()
-        parent_id = start_parent_run(first, sweep_id, configs)
+        try:
+            parent_id = start_parent_run(first, sweep_id, configs)
+        except Exception as e:  # noqa: BLE001 - nothing has started yet
+            raise TrackingError(f"MLflow at {uri}: cannot start the sweep's parent run ({first_line(e)}); start the "
+                                f"server or set mlflow.tracking_uri / MLFLOW_TRACKING_URI") from e
     pairs, labels, _ = load_eval_split(first.data, verified[0]["eval"])
-    uri = resolve_tracking_uri(first.mlflow.tracking_uri)
     client = MlflowClient(uri)
     init_ray(verbose=verbose)
     _say_where_logs_are(verbose, ray_log_dir(), progress)
@@ -251,15 +299,22 @@ def sweep(
             progress(f"\n{arch}: effect of the MC-Loss diversity term\n{text_table(effect)}\n")
         if register:
             model, report.pca_curve = _with_best_pca(cfg, report.best, shard_urls["train"], pairs, labels, client, parent_id, progress)
-            reg = register_checkpoint(cfg, report.best.checkpoint_path, report.best.mlflow_run_id, sweep_id=sweep_id,
-                                      eval_pairs=(pairs, labels), model=model)
-            report.registration = reg
-            gate = benchmark_gate(cfg.registry.gate)  # None: the eval pairs, where the challenger is scored already
-            report.promotion = promote(reg.model_name, pairs, labels, gate=gate, min_improvement=cfg.registry.gate.min_improvement,
-                                       tracking_uri=cfg.mlflow.tracking_uri, challenger_fpr95=None if gate else reg.fpr95)
-            curves[arch] = reg.distances
-            report.eval_ap = average_precision(reg.distances, labels)
-            client.log_metric(parent_id, f"{arch}/eval_ap", report.eval_ap)
+            try:
+                reg = register_checkpoint(cfg, report.best.checkpoint_path, report.best.mlflow_run_id, sweep_id=sweep_id,
+                                          eval_pairs=(pairs, labels), model=model)
+                gate = benchmark_gate(cfg.registry.gate)  # None: the eval pairs, where the challenger is scored already
+                report.promotion = promote(reg.model_name, pairs, labels, gate=gate,
+                                           min_improvement=cfg.registry.gate.min_improvement,
+                                           tracking_uri=cfg.mlflow.tracking_uri, challenger_fpr95=None if gate else reg.fpr95)
+                report.registration = reg
+            except Exception as e:  # noqa: BLE001 - the training is done and kept: say how to finish the step later
+                progress(f"[patchflow] {arch}: registration failed ({first_line(e)}); the checkpoint is kept: "
+                         f"patchflow register --checkpoint {report.best.checkpoint_path}, then patchflow promote")
+                report.promotion = None
+            else:
+                curves[arch] = reg.distances
+                report.eval_ap = average_precision(reg.distances, labels)
+                guarded(f"logging {arch}/eval_ap", lambda: client.log_metric(parent_id, f"{arch}/eval_ap", report.eval_ap))
         reports.append(report)
     sift_distances = pair_distances(SIFT(pairs.shape[-1]), pairs)
     sift_fpr, sift_ap = fpr_at_95_recall(sift_distances, labels), average_precision(sift_distances, labels)
@@ -270,12 +325,13 @@ def sweep(
             *((name, "untrained baseline", f"{fpr:.4f}", f"{ap:.4f}", "-", "-", "-") for name, (fpr, ap) in scores.items())]
     table = text_table(rows)
     if curves:
-        _log_plots(client, parent_id, {**curves, "sift": sift_distances, **baselines}, labels)
-    client.log_text(parent_id, table + "\n", "leaderboard.txt")
-    client.log_metric(parent_id, f"sift/{METRIC}", sift_fpr)
+        guarded("logging the plots",
+                lambda: _log_plots(client, parent_id, {**curves, "sift": sift_distances, **baselines}, labels))
+    guarded("logging leaderboard.txt", lambda: client.log_text(parent_id, table + "\n", "leaderboard.txt"))
+    guarded(f"logging sift/{METRIC}", lambda: client.log_metric(parent_id, f"sift/{METRIC}", sift_fpr))
     for name, (fpr, _) in scores.items():
-        client.log_metric(parent_id, f"{name}/{METRIC}", fpr)
-    client.set_terminated(parent_id, "FINISHED")
+        guarded(f"logging {name}/{METRIC}", lambda name=name, fpr=fpr: client.log_metric(parent_id, f"{name}/{METRIC}", fpr))
+    finish_run(client, parent_id, "FINISHED", str(first.run.storage_path).rstrip("/"))
     return SweepReport(sweep_id, parent_id, uri, reports, len(labels), sift_fpr, sift_ap, table, time.perf_counter() - t0,
                        scores)
 
@@ -505,6 +561,9 @@ def evaluate_on_images(
     from pipeline.protocols import evaluate_image_matching
 
     t0 = time.perf_counter()
+    if n_pairs is not None and n_pairs < 2 * MIN_POSITIVES:
+        raise ConfigError(f"--pairs {n_pairs}: expected at least {2 * MIN_POSITIVES} pairs per sequence (half of them "
+                          f"positive; FPR95 needs {MIN_POSITIVES} positives)")
     names = list(constructions) if constructions else list(CONSTRUCTIONS)
     for name in names:
         try:
@@ -513,11 +572,22 @@ def evaluate_on_images(
             raise ConfigError(f"--construction: {e}") from None
     rows, notes = evaluation_models(models, baselines=baselines)
     named = {m.name: m.module for m in rows}
+    sizes = _image_size_mismatches(images)
+    if sizes:
+        log.warning("%s: images differ in size from image 1 (%s): check that each homography file belongs to its "
+                    "images", images, sizes)
     pair_sets = {}
     for name in names:
         progress(f"[patchflow] {Path(images).name}: cutting {name} pairs")
-        pairs, labels, _ = sequence_pairs(images, n_pairs=n_pairs, seed=seed, redetect=redetect,
-                                          max_keypoints=max_keypoints, construction=name, progress=True)
+        try:
+            pairs, labels, _ = sequence_pairs(images, n_pairs=n_pairs, seed=seed, redetect=redetect,
+                                              max_keypoints=max_keypoints, construction=name, progress=True)
+        except SourceError as e:
+            raise SourceError(f"{e} (image sizes differ: {sizes})" if sizes else str(e)) from None
+        if int(labels.sum()) < MIN_POSITIVES:
+            raise SourceError(f"{images}: only {int(labels.sum())} positive {name} pairs ({len(labels)} pairs) survived "
+                              f"the homography checks; FPR95 needs at least {MIN_POSITIVES}"
+                              + (f" (image sizes: {sizes})" if sizes else ""))
         pair_sets[name] = (pairs, labels)
     results: dict[str, Any] = {"fpr95": score_pair_sets(named, pair_sets, seed=seed,
                                                         title=f"FPR95 on {Path(images).name}, by pair construction")}
@@ -603,10 +673,27 @@ def _finish(report: Evaluation, read: Sequence[str | Path], experiment: str | No
     """Fingerprint the data that was read, log the run, time it."""
     report.data_sha256, files, size = _data_fingerprint(read)
     report.params |= {"data_files": files, "data_bytes": size}
-    if experiment is not None:
-        report.tracking_uri, report.mlflow_run_id = _log_evaluation(report, experiment)
+    if experiment is not None:  # an MLflow failure is a warning: the figures are returned all the same
+        report.tracking_uri, report.mlflow_run_id = guarded(
+            "logging the evaluation", lambda: _log_evaluation(report, experiment), (None, None))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _image_size_mismatches(images: str | Path) -> str:
+    """"name: WxH vs WxH, ..." for each image whose size differs from its sequence's image 1 ("" if none)."""
+    from PIL import Image
+
+    from pipeline.data.sequences import find_sequences, open_sequence
+
+    out = []
+    for seq_dir in find_sequences(images):
+        seq = open_sequence(seq_dir)
+        sizes = {k: Image.open(p).size for k, p in sorted(seq.images.items())}  # header only
+        w1, h1 = sizes[1]
+        out += [f"{seq.images[k].name} {w}x{h} vs {seq.images[1].name} {w1}x{h1}" for k, (w, h) in sizes.items() if (w, h) != (w1, h1)]
+    return ", ".join(out)
+
 
 
 def _evaluation_plots(report: Evaluation, folder: Path) -> None:
@@ -742,6 +829,36 @@ def benchmark_gate(gate: GateConfig) -> Gate | None:
 # ---- promote / export ----------------------------------------------------------------------------
 
 
+def register(checkpoint: str | Path, *, shards: str | None = None, model_name: str | None = None) -> Registration:
+    """Register a training checkpoint's model as the ``challenger`` of its registered model (tensors and a
+    model card; scored on the eval split of ``shards``, by default the checkpoint's own data.shards).
+    The way to re-register a version an older patchflow logged as a pickle. Logged into the checkpoint's
+    MLflow run when this server has it, else into a new run of the checkpoint config's experiment."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    _, cfg = model_from_checkpoint(checkpoint)  # refuses anything but tensors and plain values
+    uri = resolve_tracking_uri(None)
+    updates: dict[str, Any] = {"mlflow.tracking_uri": uri}
+    if shards:
+        updates["data.shards"] = shards if "://" in shards else str(Path(shards).resolve())
+    if model_name:
+        updates["mlflow.registered_model"] = model_name
+    cfg = cfg.with_updates(updates)
+    client = MlflowClient(uri)
+    run_id = load_state(checkpoint).get("mlflow_run_id")
+    try:
+        client.get_run(run_id) if run_id else None
+    except MlflowException:
+        run_id = None  # trained against another server
+    if not run_id:
+        run_id = client.create_run(get_or_create_experiment(client, cfg.mlflow.experiment),
+                                   run_name=f"register-{Path(checkpoint).name}",
+                                   tags={"patchflow.kind": "registration", "patchflow.checkpoint": str(checkpoint)}).info.run_id
+        client.set_terminated(run_id, "FINISHED")
+    return register_checkpoint(cfg, str(Path(checkpoint).resolve()), run_id)
+
+
 def promote_registered(model_name: str, *, shards: str | None = None, eval_pairs: int | None = None,
                        min_improvement: float = 0.0, dry_run: bool = False,
                        gate: GateConfig | str | None = None) -> Promotion:
@@ -761,7 +878,7 @@ def promote_registered(model_name: str, *, shards: str | None = None, eval_pairs
     if bench is not None:
         return promote(model_name, gate=bench, min_improvement=min_improvement, dry_run=dry_run)
     if shards is None:
-        version = MlflowClient(resolve_tracking_uri(None)).get_model_version_by_alias(model_name, CHALLENGER)
+        version = registered_version(MlflowClient(resolve_tracking_uri(None)), model_name, CHALLENGER)
         shards = version.tags.get("data_shards")
         if not shards:
             raise ConfigError(f"{model_name} v{version.version} has no data_shards tag; pass --shards DIR")
@@ -790,5 +907,5 @@ def export_model(spec: str, fmt: str, out: str | Path) -> ExportOutcome:
 
 __all__ = ["ArchitectureReport", "EvaluatedModel", "Evaluation", "ExportOutcome", "ModelScore", "PairSetScores",
            "SweepReport", "TrainOutcome", "benchmark_gate", "evaluate_on_hpatches", "evaluate_on_images",
-           "evaluate_on_phototour", "evaluation_models", "export_model", "load_model", "promote_registered",
-           "score_pair_sets", "sweep", "train"]
+           "evaluate_on_phototour", "evaluation_models", "export_model", "load_model", "promote_registered", "register",
+           "score_pair_sets", "sweep", "sync", "train"]
