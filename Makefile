@@ -31,11 +31,13 @@ quality: install
 
 # Issue 17's table: every trainable architecture trained through the pipeline on the same synthetic
 # shards with the same number of pairs, FPR95 on the synthetic eval split and on graf with SIFT
-# (about an hour on 2 cores); benchmarks/README.md has the figures.
+# (about an hour on 2 idle cores); benchmarks/README.md has the figures. ZOO_ARGS shrinks it on a busy
+# machine, e.g. make zoo ZOO_ARGS="--pairs 1024 --batch-size 128 --graf-pairs 2000".
 ZOO_SHARDS ?= shards-zoo
+ZOO_ARGS ?=
 zoo: install
-	test -f $(ZOO_SHARDS)/manifest.json || $(BIN)/patchflow shards synthetic --out $(ZOO_SHARDS) --train-pairs 120000
-	$(BIN)/python benchmarks/zoo.py $(ZOO_SHARDS)
+	test -f $(ZOO_SHARDS)/manifest.json || $(BIN)/patchflow shards synthetic --out $(ZOO_SHARDS) --train-pairs 60000
+	nice -n 10 $(BIN)/python benchmarks/zoo.py $(ZOO_SHARDS) $(ZOO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q --durations=25 tests
