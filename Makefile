@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo --extra-index-url https://download.pytorch.org/whl/cpu)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test install clean mlflow-ui quality
+.PHONY: demo test install clean mlflow-ui quality zoo
 
 $(BIN)/patchflow: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ quality: install
 	$(BIN)/python -m pip install -q -e ".[baselines]"
 	$(BIN)/python benchmarks/quality.py
 
+# Issue 17's table: every trainable architecture trained through the pipeline on the same synthetic
+# shards with the same number of pairs, FPR95 on the synthetic eval split and on graf with SIFT
+# (about an hour on 2 idle cores); benchmarks/README.md has the figures. ZOO_ARGS shrinks it on a busy
+# machine, e.g. make zoo ZOO_ARGS="--pairs 1024 --batch-size 128 --graf-pairs 2000".
+ZOO_SHARDS ?= shards-zoo
+ZOO_ARGS ?=
+zoo: install
+	test -f $(ZOO_SHARDS)/manifest.json || $(BIN)/patchflow shards synthetic --out $(ZOO_SHARDS) --train-pairs 60000
+	nice -n 10 $(BIN)/python benchmarks/zoo.py $(ZOO_SHARDS) $(ZOO_ARGS)
+
 test: install
 	$(BIN)/python -m pytest -q --durations=25 tests
 
@@ -36,4 +46,4 @@ mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf shards runs mlflow.db mlartifacts
+	rm -rf shards runs mlflow.db mlartifacts shards-zoo

@@ -117,6 +117,21 @@ def contrastive_loss(d1: torch.Tensor, d2: torch.Tensor, labels: torch.Tensor, m
     return (0.5 * y * sq + 0.5 * (1.0 - y) * torch.clamp(margin - d, min=0.0) ** 2).mean()
 
 
+def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """L2-Net's relative-distance loss (Tian, Fan, Wu 2017, E1), averaged over pairs instead of summed.
+
+    With D the (B, B) Euclidean distances between ``anchor`` and ``positive`` rows and S = exp(2 - D):
+    s^r_ij = s_ij / sum_k s_ik (row-wise), s^c_ij = s_ij / sum_k s_kj (column-wise);
+    loss = -1/2 mean_i (log s^r_ii + log s^c_ii). Every in-batch negative counts, weighted by how close
+    it is (a softened hardest-in-batch); 2 is the largest distance between unit descriptors. L2-Net's
+    compactness (E2) and intermediate-map (E3) terms are not included.
+    """
+    _check_pairs(anchor, positive)
+    logits = 2.0 - pairwise_l2(anchor, positive)
+    target = torch.arange(len(anchor), device=anchor.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target))
+
+
 def softmax_pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """MatchNet's loss: cross-entropy of (B, 2) match logits (column 1 = match) against 0/1 labels."""
     if logits.ndim != 2 or logits.shape[1] != 2 or labels.shape != (logits.shape[0],):
@@ -124,15 +139,16 @@ def softmax_pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.cross_entropy(logits, labels.long())
 
 
-LossName = Literal["hardest_triplet", "triplet_random", "contrastive", "softmax_ce"]
+LossName = Literal["hardest_triplet", "triplet_random", "l2net_relative", "contrastive", "softmax_ce"]
 
 # Raw losses by name (the keys are ``LossName``'s values, which configs and model metadata use).
-# Inputs differ by family: the triplet losses take (anchor, positive) descriptors of matching pairs,
+# Inputs differ by family: the triplet losses and L2-Net's take (anchor, positive) descriptors of matching pairs,
 # ``contrastive`` takes labelled descriptor pairs, ``softmax_ce`` labelled logits.
 # ``batch_loss`` below turns a batch of matching pairs into any of them.
 LOSSES: dict[LossName, Callable[..., torch.Tensor]] = {
     "hardest_triplet": hardest_in_batch_triplet_loss,
     "triplet_random": triplet_random_negative_loss,
+    "l2net_relative": l2net_relative_loss,
     "contrastive": contrastive_loss,
     "softmax_ce": softmax_pair_loss,
 }
@@ -152,8 +168,9 @@ def batch_loss(
     (for a pair classifier: its per-patch features, and ``score`` = the model's ``score``).
 
     - ``hardest_triplet``: HardNet's loss (``anchor_swap`` applies).
-    - ``triplet_random``: one random in-batch negative per pair (``anchor_swap`` is not used: TFeat's
-      swap is opt-in via ``triplet_random_negative_loss``).
+    - ``triplet_random``: one random in-batch negative per pair; ``anchor_swap`` is TFeat's swap (the
+      negative distance is the smaller of anchor-negative and positive-negative).
+    - ``l2net_relative``: L2-Net's relative-distance softmax over the whole batch (``margin`` unused).
     - ``contrastive`` / ``softmax_ce``: the B matching pairs plus B non-matching pairs
       ``(a_i, p_pi(i))`` with pi = ``in_batch_negatives`` (balanced, as MatchNet's sampler).
     """
@@ -163,7 +180,9 @@ def batch_loss(
     if name == "hardest_triplet":
         return hardest_in_batch_triplet_loss(anchor, positive, margin=margin, anchor_swap=anchor_swap)
     if name == "triplet_random":
-        return triplet_random_negative_loss(anchor, positive, margin=margin, generator=generator)
+        return triplet_random_negative_loss(anchor, positive, margin=margin, generator=generator, anchor_swap=anchor_swap)
+    if name == "l2net_relative":
+        return l2net_relative_loss(anchor, positive)
     b = len(anchor)
     perm = in_batch_negatives(b, generator).to(anchor.device)
     left, right = torch.cat([anchor, anchor]), torch.cat([positive, positive[perm]])

@@ -155,4 +155,39 @@ def test_batch_loss_builds_balanced_pairs():
     torch.testing.assert_close(batch_loss("hardest_triplet", a, p, margin=0.7), hardest_in_batch_triplet_loss(a, p, margin=0.7))
     with pytest.raises(KeyError, match="hardest_triplet"):
         batch_loss("nope", a, p)
-    assert set(LOSSES) == {"hardest_triplet", "triplet_random", "contrastive", "softmax_ce"}
+    assert set(LOSSES) == {"hardest_triplet", "triplet_random", "l2net_relative", "contrastive", "softmax_ce"}
+
+
+def test_batch_loss_passes_tfeat_anchor_swap_to_the_random_triplet():
+    """``loss.anchor_swap`` reaches the random-negative triplet (TFeat's swap), on the same draw."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(9, 6, generator=g)
+    p = 0.5 * a + 0.1 * torch.randn(9, 6, generator=g)  # positives closer to each other than to the anchors
+    for swap in (False, True):
+        got = batch_loss("triplet_random", a, p, margin=2.0, anchor_swap=swap, generator=torch.Generator().manual_seed(11))
+        want = triplet_random_negative_loss(a, p, 2.0, generator=torch.Generator().manual_seed(11), anchor_swap=swap)
+        torch.testing.assert_close(got, want)
+    no_swap = batch_loss("triplet_random", a, p, margin=2.0, anchor_swap=False, generator=torch.Generator().manual_seed(11))
+    swap = batch_loss("triplet_random", a, p, margin=2.0, anchor_swap=True, generator=torch.Generator().manual_seed(11))
+    assert swap > no_swap  # the swap picks the closer negative: here the positive-negative distance
+
+
+def test_l2net_relative_loss_matches_the_papers_formula():
+    """E1 of Tian et al. 2017: S = exp(2 - D), column- and row-normalised, -1/2 (log s^c_ii + log s^r_ii),
+    here averaged over the n pairs; computed entry by entry in plain Python."""
+    from pipeline.losses import l2net_relative_loss
+
+    g = torch.Generator().manual_seed(6)
+    a = torch.nn.functional.normalize(torch.randn(7, 12, generator=g), dim=1)
+    p = torch.nn.functional.normalize(a + 0.4 * torch.randn(7, 12, generator=g), dim=1)
+    n = len(a)
+    s = [[math.exp(2.0 - _dist(a[i], p[j], 1e-6)) for j in range(n)] for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        col = s[i][i] / sum(s[m][i] for m in range(n))
+        row = s[i][i] / sum(s[i][m] for m in range(n))
+        total += -0.5 * (math.log(col) + math.log(row))
+    assert math.isclose(l2net_relative_loss(a, p).item(), total / n, rel_tol=1e-5)
+    torch.testing.assert_close(batch_loss("l2net_relative", a, p), l2net_relative_loss(a, p))
+    # matching pairs closer than every negative lower it; swapping the positives around raises it
+    assert l2net_relative_loss(a, a).item() < l2net_relative_loss(a, p).item() < l2net_relative_loss(a, p.roll(1, 0)).item()

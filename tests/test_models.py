@@ -141,6 +141,54 @@ def test_matchnet_pair_classifier_api():
         model.score(fa, fb[:, :10])
 
 
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def test_matchnet_init_is_orthogonal_with_relu_gain():
+    """He-scaled orthogonal init: every weight, as an (out, in * k * k) matrix W, has W W^T = g^2 I
+    (or W^T W = g^2 I when out > in), g = sqrt(2) before a ReLU and 1 on the last layer; biases 0.
+    The specified init (``init="paper"``) has g = 0.6 and biases 0.01."""
+    for init, hidden, last, bias in (("he", 2.0**0.5, 1.0, 0.0), ("paper", 0.6, 0.6, 0.01)):
+        torch.manual_seed(0)
+        layers = _layers(create_model("matchnet", input_size=32, init=init))
+        assert len(layers) == 8  # 5 convs + 3 FC
+        for i, m in enumerate(layers):
+            w = m.weight.detach().flatten(1).double()
+            gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
+            g = last if i == len(layers) - 1 else hidden
+            torch.testing.assert_close(gram, g * g * torch.eye(len(gram), dtype=torch.float64), atol=1e-5, rtol=0)
+            assert torch.all(m.bias == bias)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_matchnet_logits_depend_on_the_patches_at_init(size):
+    """The known failure of the specified init: the logit gap (the pair distance) hardly varies across
+    pairs, so SGD starts from a constant classifier. With the default init it varies at the scale of
+    the logits."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(64, 1, size, size, generator=g), torch.rand(64, 1, size, size, generator=g)
+    spread = {}
+    for init in ("he", "paper"):
+        torch.manual_seed(0)
+        model = create_model("matchnet", input_size=size, init=init).eval()
+        with torch.no_grad():
+            spread[init] = model.distance(model(a), model(b)).std().item()
+    assert spread["paper"] < 0.005  # measured ~1e-3 on real patches, ~1e-4 on noise
+    assert spread["he"] > 0.05 and spread["he"] > 50 * spread["paper"]
+
+
+def test_matchnet_input_size_sets_the_feature_size():
+    model = create_model("matchnet", input_size=32).eval()
+    f = model(torch.rand(2, 1, 32, 32))
+    assert f.shape == (2, 1024) == (2, model.descriptor_dim)  # 64 x 4 x 4
+    assert model.score(f, f).shape == (2, 2)
+    with pytest.raises(ValueError, match="32 or 64"):
+        create_model("matchnet", input_size=48)
+    with pytest.raises(ValueError, match="init"):
+        create_model("matchnet", init="xavier")
+
+
 def test_siamese_input_sizes_and_dim():
     for size in (32, 64):
         model = create_model("siamese", input_size=size, descriptor_dim=16).eval()
@@ -243,9 +291,11 @@ def test_gradients_reach_every_parameter(name):
 def test_a_few_steps_lower_the_models_own_loss(name):
     model = fresh(name)
     a, p = _fixed_batch(model, 6 if model.input_size > 32 else 10)
-    # Plain SGD with a small step: a descent method must lower the loss, even MatchNet's, whose
-    # logits start almost input-independent (gain-0.6 orthogonal init without BatchNorm).
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # Plain SGD with a small step: a descent method must lower the loss. MatchNet has no normalisation
+    # and its metric network reads 2 x 4096 features at the scale of its input: 0.01 and 0.001 overshoot
+    # there (measured: the loss jumps from 0.77 to 28 and 3.6 on the first step), 1e-4 descends.
+    lr = 1e-4 if model.info.kind == "pair_classifier" else 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     before = _own_loss(name, model, a, p).item()
     for _ in range(5):
         opt.zero_grad()
@@ -299,6 +349,9 @@ def test_unknown_model_lists_the_registry():
 
 CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "models"
 DOMAINS = {"grid", "choice", "uniform", "loguniform"}
+# Where the training recipe departs from the paper's layout, which stays the class default (old
+# checkpoints and create_model(name) keep it): MatchNet reads the shards' 32x32 patches as they are.
+RECIPE_OVER_PAPER = {("matchnet", "input_size"): 32}
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -312,7 +365,8 @@ def test_model_config_matches_the_code(name):
     assert model_kwargs.pop("arch") == name
     options = model_options(name)
     for key, value in model_kwargs.items():  # the YAML's defaults are the model's defaults
-        assert key in options and options[key] == value, f"{name}: model.{key}"
+        assert key in options, f"{name}: model.{key}"
+        assert options[key] == value or RECIPE_OVER_PAPER.get((name, key)) == value, f"{name}: model.{key}"
     assert cfg["loss"]["name"] == model_info(name).default_loss
     for key, domain in cfg["search_space"].items():
         section, _, field = key.partition(".")

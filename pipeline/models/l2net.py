@@ -20,7 +20,7 @@ from pipeline.models.hardnet import HardNet, _conv_bn_relu
 from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
-@register_model("l2net", ModelInfo(input_size=32, descriptor_dim=128, default_loss="triplet_random", pca="attach",
+@register_model("l2net", ModelInfo(input_size=32, descriptor_dim=128, default_loss="l2net_relative", pca="attach",
                                    unit_norm=True))
 class L2Net(nn.Module):
     """L2-Net descriptor of grayscale patches.

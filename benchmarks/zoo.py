@@ -1,0 +1,234 @@
+"""The architecture zoo (issue 17): every trainable architecture trained through the real pipeline
+(``pipeline.workflow.train``: Ray Train, the architecture's own loss and recipe from
+``configs/models/<arch>.yaml``) on the same synthetic shards with the same number of training pairs,
+then FPR95 with 95 % bootstrap intervals on the synthetic eval split and on Oxford graf, next to
+kornia's SIFT, in one table; plus HardNet with the MC-Loss diversity term on (``loss.mc_mu``) against
+the plain HardNet row, same budget and seed.
+
+    patchflow shards synthetic --out shards-zoo --train-pairs 60000
+    .venv/bin/python benchmarks/zoo.py shards-zoo   # or: make zoo [ZOO_SHARDS=shards-zoo] [ZOO_ARGS="--pairs 1024"]
+
+Each run trains on ``--pairs`` pairs (``train.batch_size`` from the model file, or ``--batch-size`` for
+every run, with the lr scaled by the file's ``lr_reference_batch``; epochs x steps rounded to whole
+batches, the actual count printed), with one Ray worker holding every CPU (as the demo's
+HardNet). The models evaluated are the last epoch's checkpoints (no epoch picked by the eval split).
+Graf pairs are built as ``patchflow evaluate --images data/oxford_graf`` builds them (seed 0); graf is
+only evaluated on, never searched on.
+
+``--grid KEY=V1,V2,...`` (repeatable) instead trains one architecture (``--archs``) once per point of
+the grid and prints the synthetic eval FPR95 of each: the search behind the model files' defaults
+(graf is not computed in that mode). Every run's config, metrics and checkpoint stay in ``--workdir``
+(MLflow store ``mlflow.db``, Ray runs ``runs/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAF = ROOT / "data" / "oxford_graf"
+MODELS_DIR = ROOT / "configs" / "models"
+# Issue 17's ordering claim: these triplet-loss models beat those pair-classifier / contrastive ones.
+TRIPLET_ARCHS = ("hardnet", "l2net", "sosnet", "hardnet8")
+PAIR_ARCHS = ("matchnet", "siamese")
+
+
+@dataclass
+class Row:
+    name: str
+    arch: str
+    loss: str
+    pairs: int  # training pairs actually seen
+    train_s: float
+    synthetic: tuple[float, float, float]  # FPR95, 95 % interval
+    graf: tuple[float, float, float] | None
+    overrides: dict
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return "unknown CPU"
+
+
+def arch_config(arch: str, shards: str, workdir: Path, pairs: int, epochs: int, overrides: dict, eval_pairs: int):
+    """The architecture's model file as ``patchflow train --config`` would load it, with the zoo's data,
+    budget and storage; returns (Config, pairs actually trained on)."""
+    from pipeline.config import load_config
+
+    base = yaml.safe_load((MODELS_DIR / f"{arch}.yaml").read_text())
+    batch = int(overrides.get("train.batch_size", base["train"]["batch_size"]))
+    steps = max(1, round(pairs / (batch * epochs)))
+    cpus = os.cpu_count() or 1
+    path = workdir / f"{arch}.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(MODELS_DIR / f"{arch}.yaml"),
+        "data": {"shards": str(Path(shards).resolve()), "eval_pairs": eval_pairs},
+        "scaling": {"num_workers": 1, "cpus_per_worker": cpus, "use_gpu": False},
+        "run": {"storage_path": str(workdir / "runs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": "patchflow-zoo"},
+    }))
+    updates = {"train.epochs": epochs, "train.batches_per_epoch": steps, **overrides}
+    return load_config(path, updates), steps * epochs * batch
+
+
+def train_and_score(name: str, arch: str, args, workdir: Path, overrides: dict, synth, graf) -> Row:
+    from pipeline.checkpoint import model_from_checkpoint
+    from pipeline.evaluate import pair_distances
+    from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
+    from pipeline.objectives import loss_name
+    from pipeline.workflow import train
+
+    def score(model, pairs, labels) -> tuple[float, float, float]:
+        d = pair_distances(model, pairs)
+        return (fpr_at_95_recall(d, labels), *bootstrap_interval(d, labels, fpr_at_95_recall))
+
+    cfg, pairs = arch_config(arch, args.shards, workdir, args.pairs, args.epochs,
+                             {"train.seed": args.seed, **({"train.batch_size": args.batch_size} if args.batch_size else {}),
+                              **overrides}, args.train_eval_pairs)
+    cfg = cfg.with_updates({"run.name": f"zoo-{name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+    t0 = time.perf_counter()
+    outcome = train(cfg)
+    seconds = time.perf_counter() - t0
+    model, _ = model_from_checkpoint(outcome.checkpoint_path)
+    row = Row(name, arch, loss_name(arch, cfg.loss), pairs, seconds, score(model, *synth),
+              score(model, *graf) if graf is not None else None, overrides)
+    print(f"[zoo] {name}: {pairs} pairs in {seconds:.0f} s, synthetic {row.synthetic[0]:.4f} {row.synthetic[1:]}"
+          + (f", graf {row.graf[0]:.4f} {row.graf[1:]}" if row.graf else ""), flush=True)
+    return row
+
+
+def table(rows: list[Row], sift: Row) -> str:
+    from pipeline.protocols.common import text_table
+
+    def cell(v):
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if v else "-"
+
+    out = [("model", "loss", "pairs", "train s", "synthetic eval FPR95", "graf FPR95", "graf / SIFT", "beats SIFT")]
+    for r in [sift, *rows]:
+        beats = "-" if r is sift else ("yes" if r.synthetic[2] < sift.synthetic[0] and r.graf and r.graf[2] < sift.graf[0]
+                                       else "no")
+        ratio = f"{r.graf[0] / sift.graf[0]:.2f}x" if r.graf and sift.graf and sift.graf[0] else "-"
+        out.append((r.name, r.loss, str(r.pairs), f"{r.train_s:.0f}", cell(r.synthetic), cell(r.graf), ratio, beats))
+    return text_table(out)
+
+
+def triplet_verdict(rows: list[Row]) -> list[str]:
+    """Lines saying whether every triplet-loss model (``TRIPLET_ARCHS``) beats every pair-classifier /
+    contrastive one (``PAIR_ARCHS``): the upper end of its interval below the other's point estimate."""
+    triplet = [r for r in rows if r.arch in TRIPLET_ARCHS and not r.overrides]
+    pair = [r for r in rows if r.arch in PAIR_ARCHS and not r.overrides]
+    lines = []
+    for split in ("synthetic", "graf"):
+        misses = [f"{t.name} vs {p.name}" for t in triplet for p in pair
+                  if getattr(t, split) and getattr(p, split) and not getattr(t, split)[2] < getattr(p, split)[0]]
+        lines.append(f"triplet models beat {', '.join(p.name for p in pair)} on {split}: "
+                     + ("yes" if not misses else "no (" + "; ".join(misses) + ")"))
+    return lines
+
+
+def parse_grid(items: list[str]) -> list[dict]:
+    keys, values = [], []
+    for item in items:
+        key, sep, vals = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. train.lr=0.01,0.1")
+        keys.append(key)
+        values.append([yaml.safe_load(v) for v in vals.split(",")])
+    return [dict(zip(keys, point)) for point in itertools.product(*values)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shards", help="shard folder written by `patchflow shards synthetic` (train + eval splits)")
+    parser.add_argument("--pairs", type=int, default=122_880, help="training pairs per architecture (the demo's HardNet budget)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run (the lr decays to 0 over the run either way)")
+    parser.add_argument("--archs", nargs="*", help="default: every trainable registered architecture")
+    parser.add_argument("--mc-mu", type=float, default=0.1, help="HardNet + MC-Loss row's loss.mc_mu (0: no such row)")
+    parser.add_argument("--batch-size", type=int, help="every run's train.batch_size (default: each model file's; "
+                        "the lr follows it through lr_reference_batch)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-pairs", type=int, default=4000, help="synthetic eval pairs in the table")
+    parser.add_argument("--train-eval-pairs", type=int, default=2000, help="eval pairs of the per-epoch check in training")
+    parser.add_argument("--graf-pairs", type=int, help="score a fixed random subset of this many graf pairs (default: all)")
+    parser.add_argument("--images", default=str(GRAF), help="sequence with ground-truth homographies (default graf)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="search mode (see above)")
+    parser.add_argument("--workdir", help="runs/ and mlflow.db go here (default: a new temporary folder)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+
+    import ray
+
+    from pipeline.cluster import TRIAL_SLOT, pin_cluster_address
+    from pipeline.data.stream import load_eval_pairs
+    from pipeline.evaluate import pair_distances
+    from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
+    from pipeline.models import list_models, model_info
+    from pipeline.models.sift import SIFT
+    from pipeline.protocols.common import SIFT_NAME
+
+    t0 = time.perf_counter()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="patchflow-zoo-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    archs = args.archs or [a for a in list_models() if model_info(a).trainable]
+    if args.grid and len(archs) != 1:
+        raise SystemExit("--grid searches one architecture: give it with --archs")
+    synth = load_eval_pairs(args.shards, args.eval_pairs)[:2]
+    graf = None
+    if not args.grid:
+        from pipeline.data.sequences import sequence_pairs
+
+        graf = sequence_pairs(args.images, seed=0, progress=True)[:2]
+        if args.graf_pairs and args.graf_pairs < len(graf[1]):  # a fixed random subset: CPU time, not choice
+            keep = np.sort(np.random.default_rng(0).permutation(len(graf[1]))[:args.graf_pairs])
+            graf = (graf[0][keep], graf[1][keep])
+    print(f"[zoo] {cpu_model()}, {os.cpu_count()} CPUs; {len(synth[1])} synthetic eval pairs from {args.shards}"
+          + (f", {len(graf[1])} pairs from {args.images}" if graf else "") + f"; workdir {workdir}", flush=True)
+
+    def sift_score(pairs, labels):
+        d = pair_distances(SIFT(pairs.shape[-1]), pairs)
+        return (fpr_at_95_recall(d, labels), *bootstrap_interval(d, labels, fpr_at_95_recall))
+
+    sift = Row(SIFT_NAME, "sift", "-", 0, 0.0, sift_score(*synth), sift_score(*graf) if graf else None, {})
+    # A Ray of its own, not whichever cluster another process on the machine recorded as current
+    # (init_ray would join that one); workflow.train then finds it initialised.
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, resources={TRIAL_SLOT: os.cpu_count() or 1}, log_to_driver=False)
+    pin_cluster_address()
+    runs: list[tuple[str, str, dict]]
+    if args.grid:
+        runs = [(f"{archs[0]} {' '.join(f'{k}={v}' for k, v in p.items())}", archs[0], p) for p in parse_grid(args.grid)]
+    else:
+        runs = [(a, a, {}) for a in archs]
+        if args.mc_mu > 0 and "hardnet" in archs:
+            runs.append((f"hardnet + MC-Loss (mu {args.mc_mu:g})", "hardnet", {"loss.mc_mu": args.mc_mu}))
+    rows = [train_and_score(name, arch, args, workdir, over, synth, graf) for name, arch, over in runs]
+
+    print()
+    print(table(rows, sift))
+    if not args.grid:
+        for line in triplet_verdict(rows):
+            print(line)
+    else:
+        best = min(rows, key=lambda r: r.synthetic[0])
+        print(f"best on the synthetic eval split: {best.name} ({best.synthetic[0]:.4f})")
+    print(f"\n({args.pairs} pairs asked per run, seed {args.seed}, {args.epochs} epochs; 95 % bootstrap intervals over pairs; "
+          f"{time.perf_counter() - t0:.0f} s in all)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "sift": asdict(sift), "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
