@@ -37,12 +37,13 @@ def registered_models(tracking_uri: str) -> dict[str, str]:
     """arch -> model URI of every patchflow-<arch> with a champion or challenger alias."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.registry import _version_by_alias
+    from pipeline.registry import registered_version
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     out = {}
     for rm in sorted(client.search_registered_models("name LIKE 'patchflow-%'"), key=lambda m: m.name):
-        alias = next((a for a in ("champion", "challenger") if _version_by_alias(client, rm.name, a)), None)
+        alias = next((a for a in ("champion", "challenger") 
+                      if registered_version(client, rm.name, a, required=False)), None)
         if alias:
             out[rm.name.removeprefix("patchflow-")] = f"models:/{rm.name}@{alias}"
     return out
