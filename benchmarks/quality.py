@@ -42,7 +42,7 @@ def registered_models(tracking_uri: str) -> dict[str, str]:
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     out = {}
     for rm in sorted(client.search_registered_models("name LIKE 'patchflow-%'"), key=lambda m: m.name):
-        alias = next((a for a in ("champion", "challenger") 
+        alias = next((a for a in ("champion", "challenger")
                       if registered_version(client, rm.name, a, required=False)), None)
         if alias:
             out[rm.name.removeprefix("patchflow-")] = f"models:/{rm.name}@{alias}"
