@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo --extra-index-url https://download.pytorch.org/whl/cpu)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test install clean mlflow-ui quality zoo
+.PHONY: demo test install clean mlflow-ui quality reference zoo
 
 $(BIN)/patchflow: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(BIN)/patchflow
 
 demo: install
 	@start=$$(date +%s); \
-	$(BIN)/patchflow shards synthetic --out shards --train-pairs 120000 && \
+	$(BIN)/patchflow shards synthetic --out shards --train-pairs 120000 --train-mix varied --eval-mix varied && \
 	$(BIN)/patchflow sweep --config configs/sweeps/demo.yaml && \
 	echo "[patchflow] demo wall time: $$(( $$(date +%s) - start )) s; browse runs with: make mlflow-ui"
 
@@ -39,6 +39,17 @@ zoo: install
 	test -f $(ZOO_SHARDS)/manifest.json || $(BIN)/patchflow shards synthetic --out $(ZOO_SHARDS) --train-pairs 60000
 	nice -n 10 $(BIN)/python benchmarks/zoo.py $(ZOO_SHARDS) $(ZOO_ARGS)
 
+# Issue 13's reference run (about an hour on 2 CPU cores; configs/sweeps/reference.yaml): more pairs of
+# the demo's varied construction, HardNet for 45 min, then graf cut by every construction with the baselines.
+REFERENCE_SET ?=
+reference: install
+	$(BIN)/python -m pip install -q -e ".[baselines]"
+	@start=$$(date +%s); \
+	$(BIN)/patchflow shards synthetic --out shards-reference --train-pairs 400000 --train-mix varied --eval-mix varied && \
+	$(BIN)/patchflow sweep --config configs/sweeps/reference.yaml $(REFERENCE_SET) && \
+	$(BIN)/patchflow evaluate --images data/oxford_graf --model models:/patchflow-reference-hardnet@champion && \
+	echo "[patchflow] reference wall time: $$(( $$(date +%s) - start )) s"
+
 test: install
 	$(BIN)/python -m pytest -q --durations=25 tests
 
@@ -46,4 +57,4 @@ mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf shards runs mlflow.db mlartifacts shards-zoo
+	rm -rf shards shards-reference runs mlflow.db mlartifacts shards-zoo
