@@ -19,7 +19,7 @@ install: $(BIN)/patchflow
 
 demo: install
 	@start=$$(date +%s); \
-	$(BIN)/patchflow shards synthetic --out shards --train-pairs 120000 --train-mix varied --eval-mix varied && \
+	$(BIN)/patchflow shards synthetic --out shards --train-pairs 120000 && \
 	$(BIN)/patchflow sweep --config configs/sweeps/demo.yaml && \
 	echo "[patchflow] demo wall time: $$(( $$(date +%s) - start )) s; browse runs with: make mlflow-ui"
 

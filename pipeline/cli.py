@@ -23,7 +23,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 MIX_HELP = ("share the split's pairs among pair constructions, e.g. dog-oriented=2,harris-upright=1,"
             "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough], "
-            "hpatches-easy|hard|tough), or 'varied' (the demo's preset: pipeline.data.synthetic.NAMED_MIXES); "
+            "hpatches-easy|hard|tough), or 'varied' (make reference's preset: pipeline.data.synthetic.NAMED_MIXES); "
             "default: all dog-oriented")
 CONSTRUCTION_HELP = ("how pairs are cut (pipeline.data.sequences.CONSTRUCTIONS): dog-oriented, dog-upright, harris-upright, "
                      "hessian-upright, hpatches-easy|hard|tough, or <detector>-<orientation>[-<jitter>]")
