@@ -266,6 +266,10 @@ def find_sweep(sweep_id: str, tracking_uri: str | None = None) -> tuple[str, lis
         return parent, [Config.model_validate(raw) for raw in json.load(f).values()]
 
 
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
 def run_sweep(
     cfg: Config,
     *,
@@ -274,12 +278,14 @@ def run_sweep(
     resume: bool = False,
     shard_urls: dict[str, list[str]] | None = None,
     verbose: bool = True,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """One architecture's Tune run. Without ``parent_run_id`` it is a sweep of its own (its
     parent run is created and closed here); with one, it is that sweep's part for ``model.arch``.
     ``progress`` gets one line per trial and epoch; ``verbose=False`` keeps Tune's status table
     and Ray's own output off the console (``pipeline.cluster.quiet_ray``)."""
+    progress = progress or _print_line  # a module function: Tune pickles its callbacks, and builtins.print
+    # may be rebound in the driver (then cloudpickle refuses it)
     from mlflow.tracking import MlflowClient
     import ray
     from ray import tune
