@@ -1,0 +1,18 @@
+"""Generate synthetic shard variants for the issue-13 mix experiments: python gen.py m0|m1|m2 TRAIN_PAIRS -> ./shards-<name>."""
+import sys, time
+from pipeline.data.synthetic import generate_synthetic
+
+EVAL_MIX = {"dog-oriented": 1, "dog-upright": 1, "harris-upright": 1, "hessian-upright": 1,
+            "dog-oriented-easy": 1, "hessian-oriented-hard": 1, "harris-oriented-tough": 1}
+MIXES = {
+    "m0": None,
+    "m1": {"dog-oriented": 1, "dog-upright": 1, "harris-upright": 1, "hessian-upright": 1,
+           "dog-rotated": 1, "harris-oriented-hard": 1, "hessian-oriented-hard": 1},
+    "m2": {"dog-oriented": 1, "dog-upright": 1, "harris-upright": 1, "hessian-upright": 1,
+           "dog-rotated": 1, "harris-oriented-hard": 1, "hessian-oriented-hard": 1, "hpatches-hard": 1},
+}
+name, n = sys.argv[1], int(sys.argv[2])
+t0 = time.time()
+generate_synthetic(f"shards-{name}", train_pairs=n, eval_pairs=4000, seed=0,
+                   train_mix=MIXES[name], eval_mix=EVAL_MIX, progress=False)
+print(name, "done", time.time() - t0)
