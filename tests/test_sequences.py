@@ -340,3 +340,34 @@ def test_graf_plane_check_drops_the_car() -> None:
     assert count(checked, car) < 0.4 * count(geometric, car), (count(checked, car), count(geometric, car))
     assert count(checked, wall) > 0.97 * count(geometric, wall)
     assert checked.valid[6][wall].mean() > 0.9
+
+
+def test_duplicate_frames_dropped_as_the_greedy_definition_says():
+    """``_drop_duplicates`` (k-d tree candidates) keeps exactly what the plain greedy loop keeps:
+    strongest first, a frame goes when a kept stronger one is near and of similar scale."""
+    from pipeline.data.sequences.detection import _drop_duplicates
+    from pipeline.data.sequences.frames import laf_scale
+    from pipeline.data.sequences.params import PARAMS
+
+    def greedy(lafs):
+        c, s = lafs[:, :, 2], laf_scale(lafs)
+        keep = []
+        for i in range(len(lafs)):
+            clash = [k for k in keep if np.linalg.norm(c[k] - c[i]) < PARAMS["duplicate_distance"] * max(s[k], s[i])
+                     and max(s[k], s[i]) / min(s[k], s[i]) < PARAMS["duplicate_scale_ratio"]]
+            if not clash:
+                keep.append(i)
+        return lafs[keep]
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 50, 300):
+        lafs = np.zeros((n, 2, 3))
+        angle = rng.uniform(-np.pi, np.pi, n)
+        scale = rng.uniform(1, 8, n)
+        lafs[:, 0, 0], lafs[:, 0, 1] = scale * np.cos(angle), -scale * np.sin(angle)
+        lafs[:, 1, 0], lafs[:, 1, 1] = scale * np.sin(angle), scale * np.cos(angle)
+        lafs[:, :, 2] = rng.uniform(0, 40, (n, 2))  # crowded: many clashes, chains of them
+        expected = greedy(lafs)
+        assert np.array_equal(_drop_duplicates(lafs), expected)
+        if n >= 50:
+            assert 0 < len(expected) < n
