@@ -172,7 +172,7 @@ def main() -> None:
 
     import ray
 
-    from pipeline.cluster import TRIAL_SLOT, pin_cluster_address
+    from pipeline.cluster import start_local_ray
     from pipeline.data.stream import load_eval_pairs
     from pipeline.evaluate import pair_distances
     from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
@@ -205,8 +205,7 @@ def main() -> None:
     sift = Row(SIFT_NAME, "sift", "-", 0, 0.0, sift_score(*synth), sift_score(*graf) if graf else None, {})
     # A Ray of its own, not whichever cluster another process on the machine recorded as current
     # (init_ray would join that one); workflow.train then finds it initialised.
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, resources={TRIAL_SLOT: os.cpu_count() or 1}, log_to_driver=False)
-    pin_cluster_address()
+    start_local_ray(os.cpu_count() or 1, log_to_driver=False)
     runs: list[tuple[str, str, dict]]
     if args.grid:
         runs = [(f"{archs[0]} {' '.join(f'{k}={v}' for k, v in p.items())}", archs[0], p) for p in parse_grid(args.grid)]

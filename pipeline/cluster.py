@@ -107,6 +107,36 @@ def divert_ray_logs() -> str | None:
     return path
 
 
+# Ray Train's controller polls its workers every 2 s, so each run sat up to ~3 s idle after its last
+# report before fit() returned, and a sweep paid it again per trial.
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = "0.3"
+
+
+def start_local_ray(num_cpus: int, **init_kwargs) -> None:
+    """Start a local Ray with ``num_cpus`` CPUs and one trial slot per CPU, whose processes poll
+    Train workers every ``HEALTH_CHECK_INTERVAL_S`` seconds (unless the user set the variable), and make it the
+    cluster Ray's internal clients auto-detect.
+
+    The cluster's processes inherit the setting from this process's environment at start; the
+    driver then drops it again, because Ray Train forwards such variables it finds set in the
+    driver as a ``runtime_env``, and a runtime_env makes every Train actor start a fresh worker
+    process (through Ray's setup_worker) instead of taking an idle one: a 4-step 1-worker fit took
+    17.0 s with the variable in the driver and 14.5 s without (benchmarks/README, "The suite").
+    """
+    import ray
+
+    ours = HEALTH_CHECK_ENV not in os.environ
+    if ours:
+        os.environ[HEALTH_CHECK_ENV] = HEALTH_CHECK_INTERVAL_S
+    try:
+        ray.init(address="local", num_cpus=num_cpus, resources={TRIAL_SLOT: num_cpus}, **init_kwargs)
+    finally:
+        if ours:
+            del os.environ[HEALTH_CHECK_ENV]
+    pin_cluster_address()
+
+
 def init_ray(address: str | None = None, *, verbose: bool = True) -> None:
     """Join ``address`` / $RAY_ADDRESS / a running ``ray start`` cluster; otherwise start a local
     Ray with this machine's CPUs and one trial slot per CPU (see ``pipeline.tune`` for why).
@@ -118,16 +148,9 @@ def init_ray(address: str | None = None, *, verbose: bool = True) -> None:
     quiet_ray(verbose)
     address = address or os.environ.get("RAY_ADDRESS") or _running_cluster()
     if address:
-        ray.init(address=address, log_to_driver=verbose)
+        ray.init(address=address, log_to_driver=verbose)  # a joined cluster keeps its own settings
     else:
-        cpus = os.cpu_count() or 1
-        # Ray Train's controller polls its workers every 2 s, so each run sat up to ~3 s idle after
-        # its last report before fit() returned: per trial, a sweep paid it again. The local cluster's
-        # processes inherit this environment; a cluster joined above keeps its own setting.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        ray.init(address="local", num_cpus=cpus, resources={TRIAL_SLOT: cpus}, include_dashboard=True,
-                 log_to_driver=verbose)
-        pin_cluster_address()
+        start_local_ray(os.cpu_count() or 1, include_dashboard=True, log_to_driver=verbose)
     if not verbose:
         divert_ray_logs()
 

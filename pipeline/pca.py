@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA
 
 from pipeline.models.pca_head import PCAAttached, PCAProjection, attach_pca, pca_head_dim, project
 
@@ -30,6 +29,8 @@ def fit_pca(descriptors: torch.Tensor | np.ndarray, dim: int) -> tuple[torch.Ten
     n, d = x.shape
     if not 1 <= dim <= min(n, d):
         raise ValueError(f"PCA dim must be in [1, min(N, D)] = [1, {min(n, d)}], got {dim}")
+    from sklearn.decomposition import PCA  # imported here: sklearn adds ~1.3 s to every Train worker's start
+
     pca = PCA(n_components=dim, svd_solver="covariance_eigh" if n > d else "full").fit(x)
     # contiguous: scikit-learn may hand back a transposed view, and a strided buffer would make the same
     # projection differ in the last bits from one loaded into a contiguous buffer

@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# Ray Train's controller polls its workers every 2 s, so every run sat ~4 s idle after its last
-# report; the tests start ~60 runs (in-process and in CLI subprocesses, which inherit this).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
 
 import pytest
 
@@ -27,10 +24,10 @@ def ray_cluster():
     (see pipeline.tune for why Tune trial drivers hold a slot instead of a CPU)."""
     import ray
 
-    from pipeline.cluster import TRIAL_SLOT, pin_cluster_address
+    from pipeline.cluster import start_local_ray
 
-    ray.init(address="local", num_cpus=2, resources={TRIAL_SLOT: 2}, log_to_driver=True)
-    pin_cluster_address()  # other Ray instances (tests/test_jobs.py's head) must not confuse its internals
+    # pinned as the current cluster: other Ray instances (tests/test_jobs.py's head) must not confuse its internals
+    start_local_ray(2, log_to_driver=True)
     yield ray
     ray.shutdown()
 

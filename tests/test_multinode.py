@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.ray  # a 2-node Ray cluster of its own, in a subprocess
 
 SCRIPT = textwrap.dedent('''
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     import ray
     from ray.cluster_utils import Cluster
@@ -22,10 +22,13 @@ SCRIPT = textwrap.dedent('''
     from pipeline.train import build_trainer, preflight
 
     shards, tmp = sys.argv[1], Path(sys.argv[2])
+    from pipeline.cluster import HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S
+    os.environ[HEALTH_CHECK_ENV] = HEALTH_CHECK_INTERVAL_S  # the nodes inherit it (see start_local_ray) ...
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
+    del os.environ[HEALTH_CHECK_ENV]  # ... and the driver does not forward it as a runtime_env
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     cfg = Config.model_validate({
         "data": {"shards": shards, "eval_pairs": 128, "shuffle_buffer": 0},

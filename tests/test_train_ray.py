@@ -76,3 +76,19 @@ def test_restart_without_a_checkpoint_does_not_log_an_epoch_twice(ray_cluster, s
     result = build_trainer(cfg, name="restart-no-checkpoint", tracking_uri=tracking_uri, mlflow_run_id=run_id).fit()
     history = sorted(client.get_metric_history(run_id, METRIC), key=lambda m: m.step)
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, result.metrics[METRIC])]
+
+
+def test_session_cluster_polls_fast_and_the_driver_forwards_nothing(ray_cluster):
+    """start_local_ray: the cluster's processes poll Train workers every HEALTH_CHECK_INTERVAL_S,
+    while the driver's environment lacks the variable, so Ray Train sends no runtime_env (which
+    would start every Train actor in a fresh process)."""
+    import os
+
+    from pipeline.cluster import HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S
+
+    @ray_cluster.remote(num_cpus=0)
+    def cluster_setting():
+        return os.environ.get(HEALTH_CHECK_ENV)
+
+    assert ray_cluster.get(cluster_setting.remote()) == HEALTH_CHECK_INTERVAL_S
+    assert HEALTH_CHECK_ENV not in os.environ
