@@ -9,13 +9,28 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import pytest
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
     """Every test that uses the session cluster (directly or through another fixture) carries the
     ``ray`` marker, so ``pytest -m "not ray"`` is the fast inner loop. Tests that start a Ray of their
-    own (tests/test_multinode.py, tests/test_jobs.py) are marked in their files."""
+    own (tests/test_multinode.py, tests/test_jobs.py) are marked in their files.
+
+    Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the session-cluster tests form one
+    group, so one worker runs them all on one cluster while the other runs everything else: a Ray
+    Train run leaves a core idle about half its time (process start-up, polling), which the CPU-bound
+    tests fill. Two session clusters on one machine would confuse Ray's cluster auto-detection
+    (``pipeline.cluster.pin_cluster_address``) and hang sweeps, so a grouping that did not take is an error."""
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.xdist_group("session-cluster"))
+    result = yield  # xdist's own hook (in each worker) turns the group into the node id suffix its scheduler reads
+    if getattr(config.option, "loadgroup", False):
+        lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist did not group {len(lost)} session-cluster tests (e.g. {lost[0]}): "
+                                    "pytest >= 9.2 breaks --dist loadgroup (pytest-xdist#1386); install pytest<9.2")
+    return result
 
 
 @pytest.fixture(scope="session")
