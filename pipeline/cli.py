@@ -22,11 +22,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 MIX_HELP = ("share the split's pairs among pair constructions, e.g. dog-oriented=2,harris-upright=1,"
-            "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough], "
+            "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough|-detected], "
             "hpatches-easy|hard|tough), or 'varied' (make reference's preset: pipeline.data.synthetic.NAMED_MIXES); "
             "default: all dog-oriented")
 CONSTRUCTION_HELP = ("how pairs are cut (pipeline.data.sequences.CONSTRUCTIONS): dog-oriented, dog-upright, harris-upright, "
-                     "hessian-upright, hpatches-easy|hard|tough, or <detector>-<orientation>[-<jitter>]")
+                     "hessian-upright, hpatches-easy|hard|tough, or <detector>-<orientation>[-<jitter>] (jitter easy|hard|tough, "
+                     "or detected: image k's frame is the detector's own re-detection there)")
 GATE_HELP = ("re-evaluate champion and challenger on a benchmark instead of the eval split: images:DIR[:METRIC] "
              "(mma@3px default, homography@3px, fpr95@<construction>), phototour:DIR[:fpr95[@<scene>]], "
              "hpatches:DIR[:<verification|matching|retrieval>[@<split>]] (matching@a default); "

@@ -208,3 +208,90 @@ def test_graf_pair_counts(name: str) -> None:
     assert labels.sum() * 2 == len(labels) and 600 < len(labels) <= 2 * 3 * 500, (name, len(labels))
     d = np.sqrt(((pairs[:, 0].astype(np.float64) - pairs[:, 1]) ** 2).sum((1, 2)))
     assert np.median(d[labels == 1]) < 0.8 * np.median(d[labels == 0]), name
+
+
+# "detected" image-k frames (issue 13): the detector's own frame in image k, PhotoTour's criterion.
+
+def _brute_best(mapped: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """For each mapped frame, a plain loop over every detection: the smallest overlap error among
+    those passing PhotoTour's criterion (first on ties), -1 if none passes."""
+    p = seqmod.PARAMS
+    out = np.full(len(mapped), -1)
+    for i in range(len(mapped)):
+        best_err = np.inf
+        for j in range(len(found)):
+            d = np.linalg.norm(found[j, :, 2] - mapped[i, :, 2])
+            err = float(seqmod.circle_overlap_error(d, laf_scale(mapped[i : i + 1])[0], laf_scale(found[j : j + 1])[0]))
+            turn = abs((laf_angle(found[j : j + 1])[0] - laf_angle(mapped[i : i + 1])[0] + np.pi) % (2 * np.pi) - np.pi)
+            if err <= p["max_overlap_error"] and turn <= np.deg2rad(p["max_orientation_difference_deg"]) + 1e-12 \
+                    and err < best_err:
+                out[i], best_err = j, err
+    return out
+
+
+def _laf(x: float, y: float, r: float, deg: float) -> np.ndarray:
+    th = np.deg2rad(deg)
+    return np.array([[r * np.cos(th), -r * np.sin(th), x], [r * np.sin(th), r * np.cos(th), y]])
+
+
+def test_best_redetection_matches_brute_force(scene) -> None:
+    """Hand-made frames (an orientation too far off, a closer but turned one, none near) and real
+    detections in a warped image: the chosen detection is the brute-force one; ``redetected`` is
+    exactly "some detection chosen"."""
+    mapped = np.stack([_laf(50, 50, 10, 0), _laf(200, 100, 8, 90), _laf(120, 40, 6, -170)])
+    found = np.stack([_laf(51, 50, 10, 40),  # nearest to frame 0 but turned 40 degrees: fails
+                      _laf(54, 50, 10, 0), _laf(52, 50, 11, 25),  # both pass; the second overlaps more
+                      _laf(120, 41, 6, 175), _laf(400, 400, 5, 0)])  # frame 2 across the +-180 wrap
+    expected = _brute_best(mapped, found)
+    np.testing.assert_array_equal(expected, [2, -1, 3])
+    np.testing.assert_array_equal(seqmod.best_redetection(mapped, found), expected)
+    np.testing.assert_array_equal(seqmod.best_redetection(mapped, found[:0]), [-1, -1, -1])
+    _, img1, img2 = scene
+    for name in ("dog-oriented-detected", "harris-upright-detected"):
+        how = seqmod.get_construction(name)
+        mapped, ok = how.carry(how.detect(img1, 60), HOM)
+        found = how.detect(img2, 120)
+        best = seqmod.best_redetection(mapped[ok], found)
+        np.testing.assert_array_equal(best, _brute_best(mapped[ok], found))
+        assert (best >= 0).sum() > 10, name
+        np.testing.assert_array_equal(seqmod.redetected(mapped[ok], found), best >= 0)
+
+
+@pytest.mark.parametrize("name", ["dog-oriented-detected", "harris-upright-detected"])
+def test_detected_positives_are_image_k_detections(scene, name: str) -> None:
+    """On a synthetic warp: positives exist, each one's image-k frame (what its patch is cut from) is
+    one of image k's detections, the one that repeats the carried frame best, inside image k; and it
+    shows the same content as image 1 there (a true correspondence)."""
+    canvas, img1, img2 = scene
+    how = seqmod.get_construction(name)
+    cor = seqmod.correspondences("synthetic", img1, {2: img2}, {2: HOM}, 32, 400, construction=name)
+    pts, frames2 = _targets(cor)
+    assert len(pts) > 40, len(pts)
+    found = how.detect(img2, 800)
+    hit = (np.abs(frames2[:, None] - found[None]).max((2, 3)) == 0)
+    assert hit.any(1).all()  # every positive's frame is exactly a detection
+    carried, _ = how.carry(cor.lafs1[pts], HOM)
+    np.testing.assert_array_equal(hit.argmax(1), seqmod.best_redetection(carried, found))
+    assert seqmod.frames_inside(frames2, img2.shape).all()
+    back, _ = map_frames(frames2, np.linalg.inv(HOM))
+    back[:, :, 2] += M
+    p2 = extract(torch.from_numpy(img2)[None, None], frames2, 32).astype(np.float64)
+    p1 = extract(torch.from_numpy(canvas)[None, None], back, 32).astype(np.float64)
+    same, other = np.abs(p2 - p1).mean((1, 2)), np.abs(p2 - np.roll(p1, 7, 0)).mean((1, 2))
+    assert np.median(same) < 0.35 * np.median(other), (np.median(same), np.median(other))
+
+
+def test_detected_construction_names_round_trip() -> None:
+    for name, det, orientation in [("dog-oriented-detected", "dog", "oriented"),
+                                   ("harris-upright-detected", "harris", "upright"),
+                                   ("hessian-rotated-detected", "hessian", "rotated")]:
+        how = seqmod.get_construction(name)
+        assert (how.name, how.detectors, how.orientation, how.jitter) == (name, (det,), orientation, "detected")
+        assert how.detected and how.level is None and seqmod.get_construction(how.name) == how
+        params = how.params()
+        assert params["name"] == name and params["jitter"]["detected"] is True
+        assert "detector's own frame" in how.description
+        assert how.room()[1] == 0.0
+    assert not seqmod.get_construction("dog-oriented").detected
+    with pytest.raises(ValueError, match="detected"):
+        seqmod.get_construction("dog-detected")

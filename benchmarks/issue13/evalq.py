@@ -24,13 +24,15 @@ def load(spec):
         return model_from_checkpoint(spec)[0]
     return create_model(spec).eval()
 
+def tag(spec):
+    """Cache name of a model: a registry name, or run/checkpoint_<time> (unique per checkpoint)."""
+    return f"{Path(spec).parent.name}-{Path(spec).name}" if Path(spec).is_dir() else spec
+
 def cached_dist(key, spec, pairs):
-    if not Path(spec).is_dir():
-        f = CACHE / f"{key}-{spec}.npy"
-        if f.exists():
-            return np.load(f)
-        d = pair_distances(load(spec), pairs); np.save(f, d); return d
-    return pair_distances(load(spec), pairs)
+    f = CACHE / f"{key}-{tag(spec)}.npy"  # checkpoints too, so boot_pairs.py reuses their distances
+    if f.exists():
+        return np.load(f)
+    d = pair_distances(load(spec), pairs); np.save(f, d); return d
 
 shards, specs = sys.argv[1], sys.argv[2:]
 rows = {}
@@ -61,6 +63,9 @@ if os.environ.get("GRAF", "1") != "0":
         for spec in specs:
             d = cached_dist("graf-" + c, spec, gp)
             rows[spec][f"graf:{c}"] = fpr_at_95_recall(d, gl)
+np.save(CACHE / f"syn{skey}-labels.npy", labels); np.save(CACHE / f"syn{skey}-slots.npy", slot)
+json.dump(names, open(CACHE / f"syn{skey}-names.json", "w"))
+print("synthetic eval split key:", skey)
 print("model".ljust(40), " ".join(c[:14].rjust(14) for c in cols))
 for spec, r in rows.items():
     print(Path(spec).name[-40:].ljust(40) if Path(spec).is_dir() else spec.ljust(40), " ".join(f"{r.get(c, float('nan')):14.4f}" for c in cols))

@@ -45,7 +45,8 @@ overlap, patch extraction) and ``layout`` (sequence folders, images, H files); `
 
 from pipeline.data.sequences.constructions import CONSTRUCTIONS, Construction, get_construction
 from pipeline.data.sequences.correspondence import Correspondences, _correspondences, correspondences
-from pipeline.data.sequences.detection import DETECTORS, detect_frames, on_plane, plane_ncc, redetected
+from pipeline.data.sequences.detection import (DETECTORS, best_redetection, detect_frames, on_plane, plane_ncc,
+                                               redetected)
 from pipeline.data.sequences.frames import (affine_jitter, circle_overlap_error, ellipse_overlap, extract,
                                             frames_inside, jitter_frames, laf_angle, laf_scale, map_frames,
                                             upright_frames)
@@ -56,7 +57,7 @@ from pipeline.data.sequences.params import PARAMS
 from pipeline.data.sequences.writer import sequence_to_shards
 
 __all__ = ["CONSTRUCTIONS", "DETECTORS", "ID_SHIFT", "IMAGE_EXTS", "PARAMS", "Construction", "Correspondences",
-           "ImageSequence", "affine_jitter", "circle_overlap_error", "correspondences", "detect_frames",
+           "ImageSequence", "affine_jitter", "best_redetection", "circle_overlap_error", "correspondences", "detect_frames",
            "ellipse_overlap", "eval_pairs", "extract", "find_sequences", "frames_inside", "get_construction",
            "jitter_frames", "laf_angle", "laf_scale", "map_frames", "on_plane", "open_sequence", "plane_ncc",
            "read_homography", "read_image", "redetected", "sequence_pairs", "sequence_to_shards",

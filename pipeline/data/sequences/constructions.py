@@ -29,8 +29,19 @@ explain image k, negatives join points a frame radius apart, and everything is s
 
 Training frames can be any ``<detector>-<orientation>[-<jitter>]`` (``get_construction``):
 detector dog | harris | hessian; orientation upright | oriented (dominant) | rotated (dominant, then
-turned by up to +-``ROTATED_DEG``, an orientation estimator's error); jitter detector-like (default)
-or HPatches' easy | hard | tough affine jitter. ``dog-oriented`` and ``dog-upright`` are two of them.
+turned by up to +-``ROTATED_DEG``, an orientation estimator's error); jitter detector-like (default),
+HPatches' easy | hard | tough affine jitter, or ``detected``. ``dog-oriented`` and ``dog-upright`` are
+two of them.
+
+``detected`` (e.g. ``dog-oriented-detected``, ``harris-upright-detected``) is no synthetic jitter: the
+image-k frame is the detector's own frame in image k, as in real matching and in PhotoTour's data
+(re-detections in each image). Among image k's detections (same detectors and orientation mode,
+``2 * max_keypoints`` of them) it is the one that repeats the carried frame best by PhotoTour's
+criterion (``detection.best_redetection``: smallest overlap error, at most
+``PARAMS["max_overlap_error"]``, orientation within ``PARAMS["max_orientation_difference_deg"]``);
+points with none are no positives there. Carried-and-jittered frames are exactly shape-corrected,
+while a detected one differs from the carried one in scale, orientation and stretch (graf, k=3..6:
+median 13-47 % scale, 9-50 degrees, anisotropy 1.5-3.5), which matching must survive.
 """
 
 from __future__ import annotations
@@ -59,7 +70,7 @@ class Construction:
     name: str
     detectors: tuple[str, ...]  # names of detection.DETECTORS, merged by rank
     orientation: str  # one of ORIENTATIONS
-    jitter: str = "detector"  # "detector" (PARAMS' amounts) or a key of HPATCHES_LEVELS
+    jitter: str = "detector"  # "detector" (PARAMS' amounts), a key of HPATCHES_LEVELS, or "detected"
     mr_size: float | None = None  # frame radius / detected sigma; None: PARAMS["mr_size"]
 
     @property
@@ -67,8 +78,13 @@ class Construction:
         return self.orientation == "upright"
 
     @property
+    def detected(self) -> bool:
+        """Image-k frames are image k's own detections (``correspondence.correspondences`` picks them)."""
+        return self.jitter == "detected"
+
+    @property
     def level(self) -> float | None:
-        return None if self.jitter == "detector" else HPATCHES_LEVELS[self.jitter][1]
+        return HPATCHES_LEVELS[self.jitter][1] if self.jitter in HPATCHES_LEVELS else None
 
     def detect(self, img: np.ndarray, max_keypoints: int) -> np.ndarray:
         """Frames (n, 2, 3) of ``img``, strongest first."""
@@ -80,8 +96,11 @@ class Construction:
         return (upright_frames(mapped) if self.upright else mapped), ok
 
     def jitter_frames(self, lafs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Image-k frames as the construction's detector would find them: the exact frames, perturbed."""
-        if self.level is None:
+        """Image-k frames as the construction's detector would find them: the exact frames, perturbed.
+        ``detected``: the frames already are detections, so only "rotated"'s orientation error is added."""
+        if self.detected:
+            out = lafs
+        elif self.level is None:
             out = jitter_frames(lafs, rng, rotate=not self.upright)
         else:
             out = affine_jitter(lafs, rng, self.level, rotate=not self.upright)
@@ -91,6 +110,8 @@ class Construction:
         """(grow, margin per unit scale) such that every jittered square lies in the exact frame's
         square grown by ``grow`` plus the margin: frames without that room in image k are dropped."""
         turn = np.deg2rad(ROTATED_DEG) if self.orientation == "rotated" else 0.0
+        if self.detected:  # applied to the detected frame itself: no jitter beyond the rotation
+            return _square_reach(turn), 0.0
         if self.level is None:
             if not self.upright:
                 turn += np.deg2rad(PARAMS["orientation_jitter_deg"])
@@ -107,7 +128,14 @@ class Construction:
         mr = PARAMS["mr_size"] if self.mr_size is None else self.mr_size
         frame = ("the frame an upright detector finds there (H(c), H's local scale, orientation 0)" if self.upright
                  else "the frame carried by H's local affine map")
-        if self.level is None:
+        if self.detected:
+            frame = ("the detector's own frame there that best repeats the carried one (PhotoTour's criterion: "
+                     f"overlap error <= {PARAMS['max_overlap_error']:g}"
+                     + ("" if self.upright else f", orientation within {PARAMS['max_orientation_difference_deg']:g} degrees")
+                     + "; none: no positive)")
+            jitter = "none (a detection)" + (f", then turned by up to +-{ROTATED_DEG:g} degrees"
+                                             if self.orientation == "rotated" else "")
+        elif self.level is None:
             jitter = (f"+-{PARAMS['position_jitter']:.0%} position, +-{PARAMS['scale_jitter']:.0%} scale"
                       + ("" if self.upright else f", +-{PARAMS['orientation_jitter_deg']:g} degrees"))
         else:
@@ -120,7 +148,10 @@ class Construction:
         out: dict = {"name": self.name, "description": self.description,
                      "detectors": {d: DETECTORS[d] for d in self.detectors}, "orientation": self.orientation,
                      "mr_size": PARAMS["mr_size"] if self.mr_size is None else self.mr_size}
-        if self.level is None:
+        if self.detected:
+            out["jitter"] = {"detected": True, "max_overlap_error": PARAMS["max_overlap_error"],
+                             "max_orientation_difference_deg": PARAMS["max_orientation_difference_deg"]}
+        elif self.level is None:
             out["jitter"] = {"position": PARAMS["position_jitter"], "scale": PARAMS["scale_jitter"],
                              "orientation_deg": 0.0 if self.upright else PARAMS["orientation_jitter_deg"]}
         else:
@@ -130,7 +161,8 @@ class Construction:
         return out
 
 
-_NAME = re.compile(rf"^({'|'.join(DETECTORS)})-({'|'.join(ORIENTATIONS)})(?:-({'|'.join(HPATCHES_LEVELS)}))?$")
+JITTERS = (*HPATCHES_LEVELS, "detected")  # the optional third part of a construction name
+_NAME = re.compile(rf"^({'|'.join(DETECTORS)})-({'|'.join(ORIENTATIONS)})(?:-({'|'.join(JITTERS)}))?$")
 
 CONSTRUCTIONS: dict[str, Construction] = {c.name: c for c in [
     Construction(DEFAULT, ("dog",), "oriented"),
@@ -152,7 +184,7 @@ def get_construction(construction: str | Construction) -> Construction:
     if m is None:
         raise ValueError(f"unknown pair construction {construction!r}: expected one of {sorted(CONSTRUCTIONS)} or "
                          f"<detector>-<orientation>[-<jitter>] with detector {'|'.join(DETECTORS)}, orientation "
-                         f"{'|'.join(ORIENTATIONS)}, jitter {'|'.join(HPATCHES_LEVELS)} (default detector-like)")
+                         f"{'|'.join(ORIENTATIONS)}, jitter {'|'.join(JITTERS)} (default detector-like)")
     return Construction(construction, (m[1],), m[2], m[3] or "detector")
 
 

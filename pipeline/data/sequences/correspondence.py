@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.data.sequences.constructions import CONSTRUCTIONS, DEFAULT, Construction, get_construction
-from pipeline.data.sequences.detection import on_plane, plane_ncc, redetected
+from pipeline.data.sequences.detection import best_redetection, on_plane, plane_ncc, redetected
 from pipeline.data.sequences.frames import _to_tensor, extract, frames_inside, laf_scale
 from pipeline.data.sequences.layout import ImageSequence, _targets, read_homography, read_image
 from pipeline.data.shards import SourceError
@@ -26,7 +26,7 @@ class Correspondences:
     patches1: np.ndarray  # uint8 (n, P, P), image 1, no jitter
     targets: list[int]
     images: dict[int, torch.Tensor]  # target -> (1, 1, H, W)
-    lafs: dict[int, np.ndarray]  # target -> mapped frames (n, 2, 3)
+    lafs: dict[int, np.ndarray]  # target -> mapped frames (n, 2, 3); "detected": the chosen detections
     valid: dict[int, np.ndarray]  # target -> bool (n,)
     construction: Construction = CONSTRUCTIONS[DEFAULT]  # how image-k frames are jittered
 
@@ -77,7 +77,9 @@ def correspondences(name: str, img1: np.ndarray, images: dict[int, np.ndarray], 
     ``plane_check``: a point counts in image k only where the homography explains image k over its
     patch (``plane_ncc``; real photographs: H holds on one plane only); synthetic views, exact
     everywhere, skip it. ``redetect``: also require the detector to find the point again in image k
-    (PhotoTour's criterion, ``redetected``)."""
+    (PhotoTour's criterion, ``redetected``). A ``detected`` construction's image-k frame is image k's
+    own detection that best repeats the carried frame (``best_redetection``); points without one, or
+    whose detection lacks the room ``room()`` asks for inside image k, are no positives there."""
     how = get_construction(construction)
     lafs1 = how.detect(img1, max_keypoints)
     if len(lafs1) == 0:
@@ -87,13 +89,20 @@ def correspondences(name: str, img1: np.ndarray, images: dict[int, np.ndarray], 
     inside = off_plane = 0
     for k, img in images.items():
         mapped, ok = how.carry(lafs1, homs[k])
+        found = how.detect(img, 2 * max_keypoints) if (redetect or how.detected) else None
+        if how.detected:  # the frame cut in image k is the detection, so it is the one that must fit there
+            best = np.full(len(mapped), -1, np.int64)
+            best[ok] = best_redetection(mapped[ok], found)  # frames behind the camera have no centre
+            ok &= best >= 0
+            mapped = mapped.copy()
+            mapped[ok] = found[best[ok]]
         ok &= frames_inside(mapped, img.shape, grow, margin * laf_scale(mapped))
         if plane_check:
             kept = ok & on_plane(lafs1, plane_ncc(img1, img, homs[k]))
             inside, off_plane = inside + int(ok.sum()), off_plane + int((ok & ~kept).sum())
             ok = kept
-        if redetect:
-            ok &= redetected(mapped, how.detect(img, 2 * max_keypoints))
+        if redetect and not how.detected:  # "detected" frames are re-detections already
+            ok &= redetected(mapped, found)
         tensors[k], lafs[k], valid[k] = _to_tensor(img), mapped, ok
     if plane_check:  # a large share means a sequence with much off the plane, or a wrong H file
         logger.info("%s: %d of %d (point, image) correspondences left out where the homography does not hold",

@@ -94,25 +94,37 @@ def _drop_duplicates(lafs: np.ndarray) -> np.ndarray:
     return lafs[keep]
 
 
-def redetected(mapped: np.ndarray, found: np.ndarray) -> np.ndarray:
-    """Mask of ``mapped`` frames (n, 2, 3) that some frame of ``found`` repeats: overlap error of
-    their regions at most ``PARAMS["max_overlap_error"]``."""
-    if len(found) == 0:
-        return np.zeros(len(mapped), bool)
+def best_redetection(mapped: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """For each ``mapped`` frame (n, 2, 3), the index into ``found`` of the detection that repeats it
+    best, -1 where none does. PhotoTour's criterion: overlap error of the regions (circles of the
+    frames' areas) at most ``PARAMS["max_overlap_error"]`` and orientations within
+    ``PARAMS["max_orientation_difference_deg"]``; among those passing, the smallest overlap error
+    (ties: the first, i.e. the strongest, since detections come strongest first)."""
+    best = np.full(len(mapped), -1, np.int64)
+    if len(found) == 0 or len(mapped) == 0:
+        return best
     from scipy.spatial import cKDTree
 
     r_map, r_found = laf_scale(mapped), laf_scale(found)
     a_map, a_found = laf_angle(mapped), laf_angle(found)
     max_turn = np.deg2rad(PARAMS["max_orientation_difference_deg"])
     tree = cKDTree(found[:, :, 2])
-    ok = np.zeros(len(mapped), bool)
     for i, near in enumerate(tree.query_ball_point(mapped[:, :, 2], r_map + r_found.max())):
         if near:
+            near = np.sort(np.asarray(near))  # strongest first, so argmin's tie-break is the strongest
             d = np.linalg.norm(found[near, :, 2] - mapped[i, :, 2], axis=1)
+            err = circle_overlap_error(d, r_map[i], r_found[near])
             turn = np.abs(np.angle(np.exp(1j * (a_found[near] - a_map[i]))))
-            ok[i] = bool(((circle_overlap_error(d, r_map[i], r_found[near]) <= PARAMS["max_overlap_error"])
-                          & (turn <= max_turn)).any())
-    return ok
+            err = np.where((err <= PARAMS["max_overlap_error"]) & (turn <= max_turn), err, np.inf)
+            j = int(np.argmin(err))
+            if np.isfinite(err[j]):
+                best[i] = near[j]
+    return best
+
+
+def redetected(mapped: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Mask of ``mapped`` frames (n, 2, 3) that some frame of ``found`` repeats (``best_redetection``)."""
+    return best_redetection(mapped, found) >= 0
 
 
 def plane_ncc(img1: np.ndarray, img_k: np.ndarray, hom: np.ndarray) -> np.ndarray:
