@@ -129,3 +129,40 @@ def test_sift_on_graf() -> None:
     assert per_pair[0] > 0.7 and per_pair[-1] < 0.2
     assert all(a >= b for a, b in zip(per_pair, per_pair[1:]))
     assert 0.25 < res.mma(SIFT_NAME)[2] < 0.55
+
+
+def test_every_descriptor_sees_the_training_patches(synthetic, monkeypatch) -> None:
+    """What matching feeds a descriptor is what training and the FPR95 pairs feed it: the same
+    extract() cut of the same DoG frames (so image 1's patches equal sequence_pairs' for the same
+    keypoint), as float [0, 1] (shards are uint8, prepare_batch divides by 255), in eval mode; and
+    SIFT sees exactly the learned model's patches."""
+    import pipeline.protocols.common as common
+    from pipeline.data.sequences import detect_frames, extract, read_image, sequence_pairs
+    from pipeline.models.hardnet import HardNet
+    from pipeline.models.sift import SIFT
+
+    seen: dict[str, list[tuple[torch.Tensor, bool]]] = {"sift": [], "hardnet": []}
+
+    class SpySift(SIFT):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen["sift"].append((x.clone(), self.training))
+            return super().forward(x)
+
+    class SpyHardNet(HardNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen["hardnet"].append((x.clone(), self.training))
+            return super().forward(x)
+
+    monkeypatch.setattr(common, "SiftBaseline", SpySift)
+    folder, _ = synthetic
+    evaluate_image_matching(folder, {"hardnet": SpyHardNet().train()}, max_keypoints=300)
+    fed = {n: torch.cat([x for x, _ in calls])[:, 0].contiguous() for n, calls in seen.items()}
+    assert not any(training for calls in seen.values() for _, training in calls)  # dropout / BN off
+    assert torch.equal(fed["sift"], fed["hardnet"])
+    # images in the order the protocol describes them: 1, then 2..k
+    expected = [extract(torch.from_numpy(img)[None, None], detect_frames(img, 300), 32)
+                for img in (read_image(folder / f"img{k}.png") for k in (1, 2, 3))]
+    assert fed["hardnet"].dtype == torch.float32
+    assert torch.equal(fed["hardnet"], torch.from_numpy(np.concatenate(expected)).float() / 255.0)
+    pairs, _, ids = sequence_pairs(folder, n_pairs=200, max_keypoints=300, seed=0)
+    assert np.array_equal(pairs[:, 0], expected[0][ids[:, 0] & 0xFFFFFFFF])
