@@ -78,17 +78,16 @@ def _drop_duplicates(lafs: np.ndarray) -> np.ndarray:
         return lafs
     c, s = lafs[:, :, 2], laf_scale(lafs)
     pairs = cKDTree(c).query_pairs(PARAMS["duplicate_distance"] * float(s.max()) * (1 + 1e-9), output_type="ndarray")
-    i, j = np.sort(pairs, axis=1).T if len(pairs) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    i, j = pairs.reshape(-1, 2).T  # query_pairs gives i < j: i is the stronger frame
     big = np.maximum(s[i], s[j])
     near = np.linalg.norm(c[i] - c[j], axis=1) < PARAMS["duplicate_distance"] * big
     similar = big / np.minimum(s[i], s[j]) < PARAMS["duplicate_scale_ratio"]
     i, j = i[near & similar], j[near & similar]  # j (weaker) clashes with i (stronger)
-    keep = np.ones(len(lafs), bool)
     order = np.argsort(j, kind="stable")
     i, j = i[order], j[order]
-    starts = np.searchsorted(j, np.unique(j))
-    for later, first in zip(np.unique(j), starts):
-        stronger = i[first:np.searchsorted(j, later, side="right")]
+    weaker, starts = np.unique(j, return_index=True)
+    keep = np.ones(len(lafs), bool)
+    for later, stronger in zip(weaker, np.split(i, starts[1:])):  # in order: the stronger ones are settled
         if keep[stronger].any():
             keep[later] = False
     return lafs[keep]
