@@ -111,29 +111,33 @@ def divert_ray_logs() -> str | None:
 # report before fit() returned, and a sweep paid it again per trial.
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.3"
+# Every fit also starts a PreemptionWatcher actor (its own process, ~2 CPU-s of a 2-step 2-worker
+# fit's ~34) that polls for node drains: spot nodes being reclaimed, which a local cluster never has.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+LOCAL_CLUSTER_ENV = {HEALTH_CHECK_ENV: HEALTH_CHECK_INTERVAL_S, PREEMPTION_WATCHER_ENV: "0"}
 
 
 def start_local_ray(num_cpus: int, **init_kwargs) -> None:
-    """Start a local Ray with ``num_cpus`` CPUs and one trial slot per CPU, whose processes poll
-    Train workers every ``HEALTH_CHECK_INTERVAL_S`` seconds (unless the user set the variable), and make it the
-    cluster Ray's internal clients auto-detect.
+    """Start a local Ray with ``num_cpus`` CPUs and one trial slot per CPU, whose processes have
+    ``LOCAL_CLUSTER_ENV`` (unless the user set a variable): Train workers polled every
+    ``HEALTH_CHECK_INTERVAL_S`` seconds, no preemption watcher; and make it the cluster Ray's
+    internal clients auto-detect.
 
-    The cluster's processes inherit the setting from this process's environment at start; the
-    driver then drops it again, because Ray Train forwards such variables it finds set in the
+    The cluster's processes inherit the settings from this process's environment at start; the
+    driver then drops them again, because Ray Train forwards such variables it finds set in the
     driver as a ``runtime_env``, and a runtime_env makes every Train actor start a fresh worker
     process (through Ray's setup_worker) instead of taking an idle one: a 4-step 1-worker fit took
     17.0 s with the variable in the driver and 14.5 s without (benchmarks/README, "The suite").
     """
     import ray
 
-    ours = HEALTH_CHECK_ENV not in os.environ
-    if ours:
-        os.environ[HEALTH_CHECK_ENV] = HEALTH_CHECK_INTERVAL_S
+    ours = {k: v for k, v in LOCAL_CLUSTER_ENV.items() if k not in os.environ}
+    os.environ.update(ours)
     try:
         ray.init(address="local", num_cpus=num_cpus, resources={TRIAL_SLOT: num_cpus}, **init_kwargs)
     finally:
-        if ours:
-            del os.environ[HEALTH_CHECK_ENV]
+        for key in ours:
+            del os.environ[key]
     pin_cluster_address()
 
 

@@ -4,8 +4,11 @@ disjoint shards that together cover the epoch, with a shared storage_path."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -22,13 +25,14 @@ SCRIPT = textwrap.dedent('''
     from pipeline.train import build_trainer, preflight
 
     shards, tmp = sys.argv[1], Path(sys.argv[2])
-    from pipeline.cluster import HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S
-    os.environ[HEALTH_CHECK_ENV] = HEALTH_CHECK_INTERVAL_S  # the nodes inherit it (see start_local_ray) ...
+    from pipeline.cluster import LOCAL_CLUSTER_ENV
+    os.environ.update(LOCAL_CLUSTER_ENV)  # the nodes inherit them (see start_local_ray) ...
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    del os.environ[HEALTH_CHECK_ENV]  # ... and the driver does not forward it as a runtime_env
+    for key in LOCAL_CLUSTER_ENV:  # ... and the driver does not forward them as a runtime_env
+        del os.environ[key]
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     cfg = Config.model_validate({
         "data": {"shards": shards, "eval_pairs": 128, "shuffle_buffer": 0},
@@ -60,8 +64,14 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_ranks_on_two_nodes_read_disjoint_shards_covering_the_epoch(synthetic_shards, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(synthetic_shards), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    # a temp dir of its own: Ray's record of "the current cluster" there is this cluster's, not the
+    # session cluster's that this test process may also run (tests/conftest.py)
+    ray_tmp = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
+    try:
+        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(synthetic_shards), str(tmp_path)],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     reads = [json.loads((tmp_path / "reads" / f"rank{r}-epoch0.json").read_text()) for r in (0, 1)]
     assert reads[0]["node"] != reads[1]["node"]  # one rank per node

@@ -79,16 +79,16 @@ def test_restart_without_a_checkpoint_does_not_log_an_epoch_twice(ray_cluster, s
 
 
 def test_session_cluster_polls_fast_and_the_driver_forwards_nothing(ray_cluster):
-    """start_local_ray: the cluster's processes poll Train workers every HEALTH_CHECK_INTERVAL_S,
-    while the driver's environment lacks the variable, so Ray Train sends no runtime_env (which
-    would start every Train actor in a fresh process)."""
+    """start_local_ray: the cluster's processes poll Train workers every HEALTH_CHECK_INTERVAL_S and
+    start no preemption watcher, while the driver's environment lacks the variables, so Ray Train
+    sends no runtime_env (which would start every Train actor in a fresh process)."""
     import os
 
-    from pipeline.cluster import HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S
+    from pipeline.cluster import LOCAL_CLUSTER_ENV
 
     @ray_cluster.remote(num_cpus=0)
-    def cluster_setting():
-        return os.environ.get(HEALTH_CHECK_ENV)
+    def cluster_settings():
+        return {key: os.environ.get(key) for key in LOCAL_CLUSTER_ENV}
 
-    assert ray_cluster.get(cluster_setting.remote()) == HEALTH_CHECK_INTERVAL_S
-    assert HEALTH_CHECK_ENV not in os.environ
+    assert ray_cluster.get(cluster_settings.remote()) == LOCAL_CLUSTER_ENV
+    assert not set(LOCAL_CLUSTER_ENV) & set(os.environ)

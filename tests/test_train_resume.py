@@ -1,5 +1,6 @@
 """`patchflow train` whose driver is killed: the same command (same run.name) resumes the Ray Train
-run from its checkpoint and logs into the same MLflow run; a new name starts fresh."""
+run from its checkpoint and logs into the same MLflow run (that a new name opens a run of its own is
+tested without Ray in tests/test_workflow.py)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,3 @@ def test_killed_train_resumes_under_the_same_name(synthetic_shards, ray_cluster,
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, METRIC)) == [1, 2, 3]  # resumed, no duplicates
 
-    fresh = subprocess.run(cmd + ["--set", "run.name=another"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 2 and {r.data.tags["patchflow.run_name"] for r in runs} == {"resumable", "another"}
