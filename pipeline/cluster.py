@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import logging
 import os
+import tempfile
 import threading
 from typing import Callable, Iterator
 
@@ -13,14 +14,10 @@ TRIAL_SLOT = "trial_slot"  # custom resource that Tune trial drivers hold instea
 
 
 def pin_cluster_address() -> None:
-    """Make this process's local cluster the one Ray's internal clients auto-detect.
-
-    Train V2's PlacementGroupCleaner (and other State API users inside the cluster) look the
-    cluster up by address=None: with a second Ray instance on the machine (a `ray start` head,
-    another user's job) that lookup fails ("Found multiple active Ray instances"), the cleaner
-    dies, finished trials leak their placement groups and the next wave of trials waits forever.
-    Auto-detection reads the "current cluster" file first, so point it at ours, and put the
-    previous content back at exit.
+    """Record this process's local cluster as the machine's current one (Ray's
+    ``/tmp/ray/ray_current_cluster``), so that ``ray status`` and a ``patchflow`` started next join it;
+    put the previous content back at exit. The cluster's own processes read a record of their own
+    (see ``start_local_ray``): this one is overwritten by any Ray started later.
     """
     import ray
     from ray._private.utils import get_ray_address_file, read_ray_address, write_ray_address
@@ -120,24 +117,42 @@ LOCAL_CLUSTER_ENV = {HEALTH_CHECK_ENV: HEALTH_CHECK_INTERVAL_S, PREEMPTION_WATCH
 def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     """Start a local Ray with ``num_cpus`` CPUs and one trial slot per CPU, whose processes have
     ``LOCAL_CLUSTER_ENV`` (unless the user set a variable): Train workers polled every
-    ``HEALTH_CHECK_INTERVAL_S`` seconds, no preemption watcher; and make it the cluster Ray's
-    internal clients auto-detect.
+    ``HEALTH_CHECK_INTERVAL_S`` seconds, no preemption watcher.
 
     The cluster's processes inherit the settings from this process's environment at start; the
     driver then drops them again, because Ray Train forwards such variables it finds set in the
     driver as a ``runtime_env``, and a runtime_env makes every Train actor start a fresh worker
     process (through Ray's setup_worker) instead of taking an idle one: a 4-step 1-worker fit took
     17.0 s with the variable in the driver and 14.5 s without (benchmarks/README, "The suite").
+
+    The cluster also gets a Ray temp dir of its own (``$RAY_TMPDIR``, inherited the same way) that
+    records it as the current cluster. Train's PlacementGroupCleaner and other State API users
+    inside the cluster find their cluster by that record, and the machine-wide one
+    (``/tmp/ray/ray_current_cluster``) belongs to whichever Ray started last. When a second Ray on
+    the machine (a test session, another ``patchflow train``, a ``ray start``) took it over, the
+    cleaner asked that cluster about our Train controller and was told that no such actor existed.
+    It then removed the run's placement group and killed the training mid-epoch; this happened to a
+    zoo run on 2026-12-01. The machine-wide record still names this cluster (``pin_cluster_address``),
+    so ``ray status`` and a second ``patchflow`` on the machine find it.
     """
     import ray
+    from ray._private.utils import write_ray_address
 
+    # short: Ray's socket paths under it have a length limit
+    own_tmp = tempfile.mkdtemp(prefix="pf-ray-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")
     ours = {k: v for k, v in LOCAL_CLUSTER_ENV.items() if k not in os.environ}
-    os.environ.update(ours)
+    saved_tmp = os.environ.get("RAY_TMPDIR")
+    os.environ.update({**ours, "RAY_TMPDIR": own_tmp})
     try:
         ray.init(address="local", num_cpus=num_cpus, resources={TRIAL_SLOT: num_cpus}, **init_kwargs)
     finally:
         for key in ours:
             del os.environ[key]
+        if saved_tmp is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = saved_tmp
+    write_ray_address(ray.get_runtime_context().gcs_address, os.path.join(own_tmp, "ray"))
     pin_cluster_address()
 
 

@@ -38,7 +38,6 @@ from pipeline.evaluate import METRIC, PCA_FIT_PAIRS, evaluate_pairs, fit_descrip
 from pipeline.hooks import TrainHooks
 from pipeline.objectives import PairObjective
 from pipeline.pca import attach_pca, pca_head_dim
-from pipeline.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,11 @@ class _Worker:
         if self.step_plan is not None:
             self.batches_per_epoch = self.step_plan.batches_per_epoch
         self.first_batch_s = 0.0
-        self.logger = RunLogger(loop_config["tracking_uri"], self.run_id) if self.rank == 0 else None
+        self.logger = None
+        if self.rank == 0:  # only rank 0 logs: the other ranks never import MLflow (~2 CPU-s per process)
+            from pipeline.tracking import RunLogger
+
+            self.logger = RunLogger(loop_config["tracking_uri"], self.run_id)
         if self.rank == 0:
             # The checkpoint carries every epoch's metrics: what MLflow lacks (an outage, a kill after the
             # report) is sent now; ``once_key`` skips epochs MLflow has, asked when the server answers.

@@ -41,7 +41,7 @@ def ray_cluster():
 
     from pipeline.cluster import start_local_ray
 
-    # pinned as the current cluster: other Ray instances (tests/test_jobs.py's head) must not confuse its internals
+    # its processes find it by a record of their own: other Ray instances (tests/test_jobs.py's head) cannot confuse them
     start_local_ray(2, log_to_driver=True)
     yield ray
     ray.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -92,3 +94,28 @@ def test_session_cluster_polls_fast_and_the_driver_forwards_nothing(ray_cluster)
 
     assert ray_cluster.get(cluster_settings.remote()) == LOCAL_CLUSTER_ENV
     assert not set(LOCAL_CLUSTER_ENV) & set(os.environ)
+
+
+def test_the_cluster_finds_itself_when_another_ray_took_the_machine_wide_record(ray_cluster):
+    """Inside the cluster, Ray's address auto-detection (what Train's PlacementGroupCleaner uses to
+    ask whether the controller lives) answers this cluster, even after another Ray on the machine
+    overwrote the machine-wide record. Before start_local_ray gave its cluster a record of its own,
+    the cleaner asked the other cluster, heard "no such actor" and killed a zoo run mid-epoch."""
+    from ray._private.utils import get_ray_address_file, read_ray_address, write_ray_address
+
+    @ray_cluster.remote(num_cpus=0)
+    def detected_address():
+        from ray._private.services import get_ray_address_from_environment
+
+        return get_ray_address_from_environment(None, None)
+
+    ours = ray_cluster.get_runtime_context().gcs_address
+    previous = read_ray_address()
+    write_ray_address("127.0.0.1:1")  # what another Ray started later would leave there
+    try:
+        assert ray_cluster.get(detected_address.remote()) == ours
+    finally:
+        if previous:
+            write_ray_address(previous)
+        else:
+            os.remove(get_ray_address_file(None))
