@@ -16,10 +16,11 @@ def pytest_collection_modifyitems(config, items):
     own (tests/test_multinode.py, tests/test_jobs.py) are marked in their files.
 
     Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the session-cluster tests form one
-    group, so one worker runs them all on one cluster while the other runs everything else: a Ray
-    Train run leaves a core idle about half its time (process start-up, polling), which the CPU-bound
-    tests fill. Two session clusters on one machine would confuse Ray's cluster auto-detection
-    (``pipeline.cluster.pin_cluster_address``) and hang sweeps, so a grouping that did not take is an error."""
+    group, so one worker runs them all on one cluster while the other runs everything else: the Ray
+    tests alone keep the 2 cores 73 % busy (process start-ups; polls, servers restarting), and the
+    CPU-bound tests fill the rest. A grouping that did not take would start a second session cluster, a layout that was
+    no faster (benchmarks/README, "The suite") and that hung a sweep before start_local_ray gave each
+    cluster its own current-cluster record; so it is an error."""
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
