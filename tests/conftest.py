@@ -43,7 +43,17 @@ def ray_cluster():
     from pipeline.cluster import start_local_ray
 
     # its processes find it by a record of their own: other Ray instances (tests/test_jobs.py's head) cannot confuse them
-    start_local_ray(2, log_to_driver=True)
+    # MLflow retries a refused connection several times, with growing waits, in the Train workers, which
+    # read their environment from the cluster; tests that stop or omit the tracking server want the
+    # failure at once (what survives an outage is patchflow's backlog and pending files, not MLflow's retries)
+    ours = "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    if ours:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        start_local_ray(2, log_to_driver=True)
+    finally:  # the cluster's processes have it; the tests' own MLflow clients keep MLflow's default
+        if ours:
+            del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     yield ray
     ray.shutdown()
 
