@@ -114,10 +114,10 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 LOCAL_CLUSTER_ENV = {HEALTH_CHECK_ENV: HEALTH_CHECK_INTERVAL_S, PREEMPTION_WATCHER_ENV: "0"}
 
 
-def start_local_ray(num_cpus: int, **init_kwargs) -> None:
+def start_local_ray(num_cpus: int, cluster_env: dict[str, str] | None = None, **init_kwargs) -> None:
     """Start a local Ray with ``num_cpus`` CPUs and one trial slot per CPU, whose processes have
     ``LOCAL_CLUSTER_ENV`` (unless the user set a variable): Train workers polled every
-    ``HEALTH_CHECK_INTERVAL_S`` seconds, no preemption watcher.
+    ``HEALTH_CHECK_INTERVAL_S`` seconds, no preemption watcher; plus ``cluster_env``, given the same way.
 
     The cluster's processes inherit the settings from this process's environment at start; the
     driver then drops them again, because Ray Train forwards such variables it finds set in the
@@ -140,7 +140,7 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
 
     # short: Ray's socket paths under it have a length limit
     own_tmp = tempfile.mkdtemp(prefix="pf-ray-", dir=os.environ.get("RAY_TMPDIR") or "/tmp")
-    ours = {k: v for k, v in LOCAL_CLUSTER_ENV.items() if k not in os.environ}
+    ours = {k: v for k, v in {**LOCAL_CLUSTER_ENV, **(cluster_env or {})}.items() if k not in os.environ}
     saved_tmp = os.environ.get("RAY_TMPDIR")
     os.environ.update({**ours, "RAY_TMPDIR": own_tmp})
     try:

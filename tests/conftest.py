@@ -46,14 +46,8 @@ def ray_cluster():
     # MLflow retries a refused connection several times, with growing waits, in the Train workers, which
     # read their environment from the cluster; tests that stop or omit the tracking server want the
     # failure at once (what survives an outage is patchflow's backlog and pending files, not MLflow's retries)
-    ours = "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
-    if ours:
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        start_local_ray(2, log_to_driver=True)
-    finally:  # the cluster's processes have it; the tests' own MLflow clients keep MLflow's default
-        if ours:
-            del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    # (the tests' own MLflow clients keep MLflow's default)
+    start_local_ray(2, cluster_env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, log_to_driver=True)
     yield ray
     ray.shutdown()
 

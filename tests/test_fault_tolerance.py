@@ -15,16 +15,14 @@ from pipeline.tracking import get_or_create_experiment
 from pipeline.train import build_trainer
 
 
-def test_worker_failure_resumes_and_matches_an_uninterrupted_run(ray_cluster, synthetic_shards, tmp_path, tracking_uri,
-                                                                 monkeypatch):
+def test_worker_failure_resumes_and_matches_an_uninterrupted_run(ray_cluster, synthetic_shards, tmp_path, tracking_uri):
     cfg = small_config(synthetic_shards, tmp_path, tracking_uri, train={"epochs": 3, "batches_per_epoch": 4},
                        run={"max_failures": 1})
     client = MlflowClient(tracking_uri)
     experiment = get_or_create_experiment(client, "test")
     # The uninterrupted reference also shows that tracking which fails never fails training: it logs
     # to a port where nothing listens (one Ray Train run fewer than a test of its own).
-    dead = "http://127.0.0.1:9"  # discard port
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead = "http://127.0.0.1:9"  # discard port; the workers fail at once (tests/conftest.py)
     reference = build_trainer(cfg, name="uninterrupted", tracking_uri=dead, mlflow_run_id="0" * 32).fit()
     assert reference.metrics["epoch"] == 3 and load_state(reference.checkpoint.path)["step"] == 12
     assert reference.metrics[METRIC] == checkpoint_fpr95(reference.checkpoint.path, cfg)

@@ -73,8 +73,8 @@ def test_sweep_returns_what_it_registered_and_logged(ray_cluster, synthetic_shar
 
 def test_a_run_name_finds_its_mlflow_run_again_and_a_new_name_opens_another(tmp_path):
     """What `patchflow train` does with ``run.name`` before Ray starts (tests/test_train_resume.py
-    kills and resumes a real run): the same name reopens its MLflow run, parameters logged once; a
-    new name gets a run of its own."""
+    kills and resumes a real run): the same name reopens its MLflow run, which has the config's
+    parameters; a new name gets a run of its own."""
     from pipeline.workflow import _open_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
