@@ -15,10 +15,16 @@ from pipeline.tracking import get_or_create_experiment
 from pipeline.train import build_trainer
 
 
-def test_ddp_ranks_stay_in_sync_and_report_every_epoch(ray_cluster, synthetic_shards, tmp_path, tracking_uri):
+def test_ddp_ranks_stay_in_sync_and_a_restart_does_not_log_an_epoch_twice(ray_cluster, synthetic_shards, tmp_path,
+                                                                           tracking_uri):
+    """Two DDP ranks keep equal weights and report every epoch. The MLflow run already holds epoch 1,
+    as when a driver was killed after rank 0 logged epoch 1 but before Ray recorded its checkpoint:
+    the run begins at epoch 1 again, in the same MLflow run, and must not log epoch 1 a second time
+    (one fit for both: each Ray Train fit costs ~30 CPU-s of process start-ups)."""
     cfg = small_config(synthetic_shards, tmp_path, tracking_uri)
     client = MlflowClient(tracking_uri)
     run_id = client.create_run(get_or_create_experiment(client, "test")).info.run_id
+    client.log_metric(run_id, METRIC, 2.0, step=1)  # the killed attempt's epoch 1 (an impossible FPR95, to tell it apart)
     dump = tmp_path / "params"
     dump.mkdir()
     result = build_trainer(cfg, name="ddp-sync", tracking_uri=tracking_uri, mlflow_run_id=run_id,
@@ -40,42 +46,6 @@ def test_ddp_ranks_stay_in_sync_and_report_every_epoch(ray_cluster, synthetic_sh
     state = load_state(result.checkpoint.path) if "://" not in result.checkpoint.path else None
     assert state["mlflow_run_id"] == run_id and state["step"] == 10
     assert all(torch.equal(state["model"][k], r0[k]) for k in weights)
-    history = client.get_metric_history(run_id, METRIC)
-    assert [m.step for m in history] == [1, 2]
-    assert history[-1].value == result.metrics[METRIC]
-
-
-def test_cli_train_runs_and_logs_one_mlflow_run(ray_cluster, synthetic_shards, tmp_path, monkeypatch, capsys):
-    """`patchflow train` end to end: the shipped config with --set overrides, tracking in the
-    default SQLite file of the working directory."""
-    from pathlib import Path
-
-    from pipeline.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = Path(__file__).resolve().parents[1] / "configs" / "train.yaml"
-    overrides = [f"data.shards={synthetic_shards}", "data.eval_pairs=256", "train.epochs=1",
-                 "train.batches_per_epoch=3", "train.batch_size=16", "run.name=cli-run"]
-    assert main(["train", "--config", str(config), *sum((["--set", o] for o in overrides), [])]) == 0
-    assert "eval_fpr95=" in capsys.readouterr().out
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("patchflow").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["train.batch_size"] == "16" and runs[0].data.tags["patchflow.run_name"] == "cli-run"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, METRIC)] == [1]
-    assert (tmp_path / "runs" / "cli-run").is_dir()
-
-
-def test_restart_without_a_checkpoint_does_not_log_an_epoch_twice(ray_cluster, synthetic_shards, tmp_path, tracking_uri):
-    """A driver killed after rank 0 logged epoch 1 but before Ray recorded its checkpoint: the
-    restart begins at epoch 1 again, in the same MLflow run, and must not log epoch 1 a second time."""
-    cfg = small_config(synthetic_shards, tmp_path, tracking_uri, scaling={"num_workers": 1},
-                       train={"epochs": 2, "batches_per_epoch": 2, "batch_size": 16}, data={"eval_pairs": 128})
-    client = MlflowClient(tracking_uri)
-    run_id = client.create_run(get_or_create_experiment(client, "test")).info.run_id
-    client.log_metric(run_id, METRIC, 2.0, step=1)  # the killed attempt's epoch 1 (an impossible FPR95, to tell it apart)
-    result = build_trainer(cfg, name="restart-no-checkpoint", tracking_uri=tracking_uri, mlflow_run_id=run_id).fit()
     history = sorted(client.get_metric_history(run_id, METRIC), key=lambda m: m.step)
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, result.metrics[METRIC])]
 

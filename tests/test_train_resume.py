@@ -1,4 +1,5 @@
-"""`patchflow train` whose driver is killed: the same command (same run.name) resumes the Ray Train
+"""`patchflow train` end to end, and killed: the shipped config with --set overrides, tracking in the
+default SQLite file of the working directory; the same command (same run.name) resumes the Ray Train
 run from its checkpoint and logs into the same MLflow run (that a new name opens a run of its own is
 tested without Ray in tests/test_workflow.py)."""
 
@@ -23,9 +24,8 @@ def test_killed_train_resumes_under_the_same_name(synthetic_shards, ray_cluster,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(CONFIG),
            "--set", f"data.shards={synthetic_shards}", "--set", "data.eval_pairs=256", "--set", "train.epochs=3",
-           "--set", "train.batches_per_epoch=4", "--set", "train.batch_size=16", "--set", "scaling.num_workers=1",
-           "--set", f"mlflow.tracking_uri={uri}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "--set", "train.batches_per_epoch=4", "--set", "train.batch_size=16", "--set", "scaling.num_workers=1"]
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},  # the default: ./mlflow.db
            # join the session cluster: a killed driver's job (its Tune/Train actors) dies with it,
            # and each CLI run saves starting and stopping a Ray of its own
            "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -55,4 +55,9 @@ def test_killed_train_resumes_under_the_same_name(synthetic_shards, ray_cluster,
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, METRIC)) == [1, 2, 3]  # resumed, no duplicates
+    # the summary names the run's figure, and the run holds the validated config and its name
+    assert re.search(rf"^\[patchflow\] run resumable: {METRIC}=[01]\.\d{{4}} after 3 epoch\(s\)$", again.stdout, re.M), again.stdout
+    assert runs[0].data.params["train.batch_size"] == "16" and runs[0].data.tags["patchflow.run_name"] == "resumable"
+    assert client.get_experiment(runs[0].info.experiment_id).name == "patchflow"  # the config's experiment
+    assert (tmp_path / "runs" / "resumable").is_dir()
 
