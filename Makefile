@@ -51,7 +51,7 @@ reference: install
 	echo "[patchflow] reference wall time: $$(( $$(date +%s) - start )) s"
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests  # 2 processes, a Ray cluster each: see tests/conftest.py
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 tests  # 2 processes: see tests/conftest.py
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

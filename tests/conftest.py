@@ -1,4 +1,4 @@
-"""Session-wide real parts: a local Ray cluster per pytest process and one set of synthetic shards."""
+"""Session-wide real parts: one local Ray cluster and one set of synthetic shards for the run."""
 
 from __future__ import annotations
 
@@ -9,21 +9,31 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import pytest
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Every test that uses the session cluster (directly or through another fixture) carries the
     ``ray`` marker, so ``pytest -m "not ray"`` is the fast inner loop. Tests that start a Ray of their
     own (tests/test_multinode.py, tests/test_jobs.py) are marked in their files.
 
-    Under pytest-xdist (``make test``: ``-n 2 --dist loadfile``) each pytest process starts a session
-    cluster of its own the first time one of its tests asks for it, and files are dealt to whichever
-    process is free. Both processes then mix Ray tests (mostly process start-ups) with CPU-bound ones,
-    and the two cores stay full to the end; with all Ray tests in one process, that process ran ~8
-    minutes alone after the other finished (benchmarks/README, "The suite"). Two clusters on one
-    machine do not confuse each other: ``start_local_ray`` gives each a current-cluster record of its
-    own, and the tests' CLI subprocesses join theirs through ``RAY_ADDRESS``."""
+    Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the session-cluster tests form one
+    group, so one worker runs them all on one cluster while the other runs everything else: the Ray
+    tests alone keep the 2 cores 73 % busy (process start-ups; polls, servers restarting), and the
+    CPU-bound tests fill the rest. A grouping that did not take would start a second session cluster, a layout that was
+    no faster (benchmarks/README, "The suite") and that hung a sweep before start_local_ray gave each
+    cluster its own current-cluster record; so it is an error. Retried with that fixed (a cluster per
+    process, ``--dist loadfile``): the machine was 98 % busy instead of 85 %, yet the suite took as
+    long, and the sweep-resume test, beside another process's fits, came within 20 s of its deadline."""
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.xdist_group("session-cluster"))
+    result = yield  # xdist's own hook (in each worker) turns the group into the node id suffix its scheduler reads
+    if getattr(config.option, "loadgroup", False):
+        lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist did not group {len(lost)} session-cluster tests (e.g. {lost[0]}): "
+                                    "pytest >= 9.2 breaks --dist loadgroup (pytest-xdist#1386); install pytest<9.2")
+    return result
 
 
 @pytest.fixture(scope="session")
