@@ -122,7 +122,6 @@ class _Worker:
             from pipeline.tracking import RunLogger
 
             self.logger = RunLogger(loop_config["tracking_uri"], self.run_id)
-        if self.rank == 0:
             # The checkpoint carries every epoch's metrics: what MLflow lacks (an outage, a kill after the
             # report) is sent now; ``once_key`` skips epochs MLflow has, asked when the server answers.
             for metrics in self.history:

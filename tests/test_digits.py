@@ -125,8 +125,10 @@ def raw_pixel_distances(pairs: np.ndarray) -> np.ndarray:
 @pytest.mark.ray
 def test_example_config_learns_digits_better_than_raw_pixels(ray_cluster, tmp_path, monkeypatch, capsys) -> None:
     """`patchflow train --config configs/examples/digits.yaml` (1 of its 3 epochs: 50 steps of 128
-    pairs, the learning rate still decayed to 0), registered under the config's model name: the net must separate same-digit from different-digit eval pairs far
-    better than raw-pixel L2 distances and than the same net untrained (bootstrap intervals apart)."""
+    pairs, the learning rate still decayed to 0), registered under the config's model name: the net
+    must separate same-digit from different-digit eval pairs far better than raw-pixel L2 distances
+    and than the same net untrained (bootstrap intervals apart; FPR95 0.064 against 0.65 and 0.77
+    when measured)."""
     import torch
     from mlflow.tracking import MlflowClient
 
