@@ -87,6 +87,7 @@ class LossConfig(_Strict):
     name: LossName | None = Field(None, description="None = the architecture's default (pipeline.models.model_info(arch).default_loss)")
     margin: float = Field(DEFAULT_MARGIN, gt=0.0)
     anchor_swap: bool = True
+    scale: float = Field(1.0, gt=0.0, description="l2net_relative: S = exp(scale * (2 - D)); 1 = the L2-Net paper's")
     mc_mu: float = Field(0.0, ge=0.0, description="weight of the MC-Loss diversity regulariser (0 = off)")
     mc_lambda: float = Field(1.0, ge=0.0)
     mc_xi: int = Field(4, ge=1, description="MC-Loss channels per group of the last conv maps")

@@ -117,7 +117,7 @@ def contrastive_loss(d1: torch.Tensor, d2: torch.Tensor, labels: torch.Tensor, m
     return (0.5 * y * sq + 0.5 * (1.0 - y) * torch.clamp(margin - d, min=0.0) ** 2).mean()
 
 
-def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """L2-Net's relative-distance loss (Tian, Fan, Wu 2017, E1), averaged over pairs instead of summed.
 
     With D the (B, B) Euclidean distances between ``anchor`` and ``positive`` rows and S = exp(2 - D):
@@ -125,9 +125,14 @@ def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor) -> torch.T
     loss = -1/2 mean_i (log s^r_ii + log s^c_ii). Every in-batch negative counts, weighted by how close
     it is (a softened hardest-in-batch); 2 is the largest distance between unit descriptors. L2-Net's
     compactness (E2) and intermediate-map (E3) terms are not included.
+
+    ``scale`` multiplies the exponent, S = exp(scale * (2 - D)); 1 is the paper's formula. With unit
+    descriptors the exponent spans only [0, 2], so at scale 1 a batch of 128 spreads the softmax over
+    all negatives almost evenly (the positive gets ~3 % of it at best) and the gradient barely
+    singles out the hard ones; a larger scale (a lower temperature) moves it towards hardest-in-batch.
     """
     _check_pairs(anchor, positive)
-    logits = 2.0 - pairwise_l2(anchor, positive)
+    logits = scale * (2.0 - pairwise_l2(anchor, positive))
     target = torch.arange(len(anchor), device=anchor.device)
     return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target))
 
@@ -161,6 +166,7 @@ def batch_loss(
     *,
     margin: float = DEFAULT_MARGIN,
     anchor_swap: bool = True,
+    scale: float = 1.0,
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -170,7 +176,8 @@ def batch_loss(
     - ``hardest_triplet``: HardNet's loss (``anchor_swap`` applies).
     - ``triplet_random``: one random in-batch negative per pair; ``anchor_swap`` is TFeat's swap (the
       negative distance is the smaller of anchor-negative and positive-negative).
-    - ``l2net_relative``: L2-Net's relative-distance softmax over the whole batch (``margin`` unused).
+    - ``l2net_relative``: L2-Net's relative-distance softmax over the whole batch, exponent times
+      ``scale`` (``margin`` unused).
     - ``contrastive`` / ``softmax_ce``: the B matching pairs plus B non-matching pairs
       ``(a_i, p_pi(i))`` with pi = ``in_batch_negatives`` (balanced, as MatchNet's sampler).
     """
@@ -182,7 +189,7 @@ def batch_loss(
     if name == "triplet_random":
         return triplet_random_negative_loss(anchor, positive, margin=margin, generator=generator, anchor_swap=anchor_swap)
     if name == "l2net_relative":
-        return l2net_relative_loss(anchor, positive)
+        return l2net_relative_loss(anchor, positive, scale=scale)
     b = len(anchor)
     perm = in_batch_negatives(b, generator).to(anchor.device)
     left, right = torch.cat([anchor, anchor]), torch.cat([positive, positive[perm]])

@@ -47,7 +47,7 @@ class PairObjective(nn.Module):
         b = x.shape[0] // 2
         desc = self._describe(fit_input(x, self.model.input_size)).float().view(b, 2, -1)
         loss = batch_loss(self.name, desc[:, 0], desc[:, 1], margin=self.loss.margin,
-                          anchor_swap=self.loss.anchor_swap, score=self._score, generator=self.generator)
+                          anchor_swap=self.loss.anchor_swap, scale=self.loss.scale, score=self._score, generator=self.generator)
         if self.loss.mc_mu > 0:
             maps = self._last_maps.float()
             groups = maps.shape[1] // self.loss.mc_xi * self.loss.mc_xi

@@ -191,3 +191,9 @@ def test_l2net_relative_loss_matches_the_papers_formula():
     torch.testing.assert_close(batch_loss("l2net_relative", a, p), l2net_relative_loss(a, p))
     # matching pairs closer than every negative lower it; swapping the positives around raises it
     assert l2net_relative_loss(a, a).item() < l2net_relative_loss(a, p).item() < l2net_relative_loss(a, p.roll(1, 0)).item()
+    # scale k: the same formula with exp(k * (2 - D)), through batch_loss as configs pass it
+    k = 9.0
+    s = [[math.exp(k * (2.0 - _dist(a[i], p[j], 1e-6))) for j in range(n)] for i in range(n)]
+    scaled = sum(-0.5 * (math.log(s[i][i] / sum(s[m][i] for m in range(n))) + math.log(s[i][i] / sum(s[i][m] for m in range(n))))
+                 for i in range(n)) / n
+    assert math.isclose(batch_loss("l2net_relative", a, p, scale=k).item(), scaled, rel_tol=1e-5)
