@@ -26,13 +26,17 @@ def pin_cluster_address() -> None:
     write_ray_address(ray.get_runtime_context().gcs_address)
 
     def restore() -> None:
-        if previous:
-            write_ray_address(previous)
-        else:
-            try:
-                os.remove(get_ray_address_file(None))
-            except OSError:
-                pass
+        # written directly: Ray's write_ray_address logs "Overwriting previous Ray address", and at
+        # interpreter exit its console handler's stream may be closed already ("Logging error")
+        path = get_ray_address_file(None)
+        try:
+            if previous:
+                with open(path, "w") as f:
+                    f.write(previous)
+            else:
+                os.remove(path)
+        except OSError:
+            pass
 
     atexit.register(restore)
 
