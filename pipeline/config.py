@@ -52,7 +52,6 @@ class ModelConfig(_Strict):
     input_size: int | None = Field(None, ge=8)
     descriptor_dim: int | None = Field(None, ge=2)
     patch_size: int | None = Field(None, ge=8)
-    input_norm: bool | None = Field(None, description="siamese: standardise each patch before the convolutions")
 
     @model_validator(mode="after")
     def _known_arch_and_options(self) -> "ModelConfig":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.hardnet import HardNet
 from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
@@ -24,21 +23,15 @@ class Siamese(nn.Module):
     The output is deliberately NOT normalised: the contrastive loss acts on raw Euclidean distances
     and its margin sets their scale (normalising would cap every distance at 2).
 
-    ``input_norm``: standardise each patch (zero mean, unit std, as HardNet and L2-Net do) before the
-    convolutions, so that gamma, contrast and brightness changes between the two views are not left
-    for the net to learn; off, as in the classic example.
-
     Shape: ``(B, 1, S, S) -> (B, D)``, S = ``input_size`` (32 or 64), D = ``descriptor_dim``.
     """
 
-    def __init__(self, input_size: int = 32, descriptor_dim: int = 128, dropout: float = 0.2,
-                 input_norm: bool = False) -> None:
+    def __init__(self, input_size: int = 32, descriptor_dim: int = 128, dropout: float = 0.2) -> None:
         super().__init__()
         if input_size not in (32, 64):
             raise ValueError(f"Siamese input_size must be 32 or 64, got {input_size}")
         self.input_size: int = input_size
         self.descriptor_dim: int = descriptor_dim
-        self.input_norm = input_norm
         self.cnn = nn.Sequential(*_block(1, 4, dropout), *_block(4, 8, dropout), *_block(8, 8, dropout))
         self.fc = nn.Sequential(
             nn.Linear(8 * input_size * input_size, 500), nn.ReLU(),
@@ -48,5 +41,4 @@ class Siamese(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         check_patches(patches, self.input_size, "Siamese")
-        x = HardNet._normalize_input(patches) if self.input_norm else patches
-        return self.fc(self.cnn(x).flatten(1))
+        return self.fc(self.cnn(patches).flatten(1))
