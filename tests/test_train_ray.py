@@ -115,7 +115,7 @@ def test_a_local_cluster_puts_the_machine_wide_record_back_quietly_at_exit():
                               capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
         assert record.read_text() == "127.0.0.1:1"
+        # one "Overwriting previous Ray address" line, Ray's at start; none from the restore at exit
+        assert done.stderr.count("Overwriting previous Ray address") == 1, done.stderr[-2000:]
     finally:
         shutil.rmtree(short, ignore_errors=True)
-    # one "Overwriting previous Ray address" line, Ray's at start; none from the restore at exit
-    assert done.stderr.count("Overwriting previous Ray address") == 1, done.stderr[-2000:]
