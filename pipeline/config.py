@@ -88,6 +88,12 @@ class LossConfig(_Strict):
     margin: float = Field(DEFAULT_MARGIN, gt=0.0)
     anchor_swap: bool = True
     scale: float = Field(1.0, gt=0.0, description="l2net_relative: S = exp(scale * (2 - D)); 1 = the L2-Net paper's")
+    negatives: Literal["random", "hardest"] = Field(
+        "random", description="contrastive / softmax_ce: each pair's non-matching partner, a random in-batch one (the "
+                              "papers' sampler) or the closest in descriptor space (HardNet's mining)")
+    sos_weight: float = Field(0.0, ge=0.0, description="weight of SOSNet's second-order similarity regulariser "
+                                                     "(pipeline.losses.second_order_similarity; 0 = off, the paper's 1)")
+    sos_knn: int = Field(8, ge=1, description="neighbours per view in the second-order term (the paper's 8)")
     mc_mu: float = Field(0.0, ge=0.0, description="weight of the MC-Loss diversity regulariser (0 = off)")
     mc_lambda: float = Field(1.0, ge=0.0)
     mc_xi: int = Field(4, ge=1, description="MC-Loss channels per group of the last conv maps")
@@ -561,6 +567,13 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
         if too_big:
             problems.append(f"sweep.pca_dims: expected dims in [1, {built.descriptor_dim}] ({cfg.model.arch}'s descriptor "
                             f"size with this config), got {too_big}")
+    if cfg.loss.sos_weight > 0:
+        if built is not None and model_info(cfg.model.arch).kind == "pair_classifier":
+            problems.append(f"loss.sos_weight: {cfg.model.arch!r} is a pair classifier: it has no descriptor distances "
+                            "for the second-order term (expected 0)")
+        if cfg.train.batch_size <= cfg.loss.sos_knn:
+            problems.append(f"train.batch_size: expected more than loss.sos_knn = {cfg.loss.sos_knn} pairs per rank for the "
+                            f"second-order term, got {cfg.train.batch_size}")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:
         problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")

@@ -81,6 +81,35 @@ def in_batch_negatives(n: int, generator: torch.Generator | None = None) -> torc
             return perm
 
 
+def hardest_negative_index(anchor: torch.Tensor, positive: torch.Tensor, duplicate_guard: float = 0.008) -> torch.Tensor:
+    """For each i, the j != i whose ``positive[j]`` is closest to ``anchor[i]`` (HardNet's mining, as
+    non-matching pairs for the pair losses); distances below ``duplicate_guard`` are duplicates of the
+    same point, as in ``hardest_in_batch_triplet_loss``. No gradient flows through the choice."""
+    with torch.no_grad():
+        dist = pairwise_l2(anchor.float(), positive.float())
+        excluded = torch.eye(len(dist), dtype=torch.bool, device=dist.device) | (dist < duplicate_guard)
+        return dist.masked_fill(excluded, float("inf")).argmin(dim=1)
+
+
+def highest_scoring_negative_index(anchor: torch.Tensor, positive: torch.Tensor,
+                                   score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                                   candidates: int = 16, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A pair classifier's hard negatives: for each i, among ``candidates`` random j != i, the one whose
+    pair ``(anchor[i], positive[j])`` the classifier ``score`` finds most like a match (largest
+    ``logit_match - logit_nonmatch``). Scoring all B^2 pairs would cost B times a step's metric
+    network; a random subset of 16 already holds the batch's top 1/16th-hardest on average.
+    No gradient flows through the choice."""
+    b = len(anchor)
+    k = min(candidates, b - 1)
+    # k distinct others per row: shifts 1..b-1 without repetition, then mod b
+    shifts = torch.stack([torch.randperm(b - 1, generator=generator)[:k] + 1 for _ in range(b)])
+    others = ((torch.arange(b).unsqueeze(1) + shifts) % b).to(anchor.device)
+    with torch.no_grad():
+        logits = score(anchor.repeat_interleave(k, dim=0), positive[others.reshape(-1)]).float()
+        margin = (logits[:, 1] - logits[:, 0]).view(b, k)
+    return others.gather(1, margin.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
 def triplet_random_negative_loss(
     anchor: torch.Tensor,
     positive: torch.Tensor,
@@ -137,6 +166,27 @@ def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor, scale: flo
     return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target))
 
 
+def second_order_similarity(anchor: torch.Tensor, positive: torch.Tensor, knn: int = 8) -> torch.Tensor:
+    """SOSNet's second-order similarity regulariser R_SOS (Tian et al. 2019, eqs. 5-6).
+
+    With d the Euclidean distance and c_i = KNN(anchor_i among the anchors) U KNN(positive_i among the
+    positives) (``knn`` each, i itself excluded):
+    R_SOS = 1/B sum_i sqrt(sum_{j in c_i} (d(a_i, a_j) - d(p_i, p_j))^2).
+    Matching pairs should keep the same distances to their neighbours in both views. The neighbour
+    sets are chosen without gradient, as a selection.
+    """
+    _check_pairs(anchor, positive)
+    if len(anchor) <= knn:
+        raise ValueError(f"second-order similarity with knn={knn} needs a batch of more than {knn} pairs, got {len(anchor)}")
+    da, dp = pairwise_l2(anchor, anchor), pairwise_l2(positive, positive)
+    with torch.no_grad():
+        eye = torch.eye(len(anchor), dtype=torch.bool, device=anchor.device)
+        near = torch.zeros_like(eye)
+        for d in (da, dp):
+            near.scatter_(1, d.masked_fill(eye, float("inf")).topk(knn, dim=1, largest=False).indices, True)
+    return torch.sqrt(((da - dp) ** 2 * near).sum(1) + 1e-12).mean()
+
+
 def softmax_pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """MatchNet's loss: cross-entropy of (B, 2) match logits (column 1 = match) against 0/1 labels."""
     if logits.ndim != 2 or logits.shape[1] != 2 or labels.shape != (logits.shape[0],):
@@ -169,6 +219,7 @@ def batch_loss(
     scale: float = 1.0,
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    negatives: Literal["random", "hardest"] = "random",
 ) -> torch.Tensor:
     """Loss ``name`` of a batch of B matching pairs, given their descriptors ``anchor``/``positive`` (B, D)
     (for a pair classifier: its per-patch features, and ``score`` = the model's ``score``).
@@ -179,7 +230,9 @@ def batch_loss(
     - ``l2net_relative``: L2-Net's relative-distance softmax over the whole batch, exponent times
       ``scale`` (``margin`` unused).
     - ``contrastive`` / ``softmax_ce``: the B matching pairs plus B non-matching pairs
-      ``(a_i, p_pi(i))`` with pi = ``in_batch_negatives`` (balanced, as MatchNet's sampler).
+      ``(a_i, p_pi(i))`` with pi = ``in_batch_negatives`` (balanced, as MatchNet's sampler), or with
+      ``negatives="hardest"`` pi(i) = ``hardest_negative_index`` (closest in descriptor space), for the
+      pair classifier ``highest_scoring_negative_index`` (most match-like by its own score).
     """
     if name not in LOSSES:
         raise KeyError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
@@ -191,7 +244,14 @@ def batch_loss(
     if name == "l2net_relative":
         return l2net_relative_loss(anchor, positive, scale=scale)
     b = len(anchor)
-    perm = in_batch_negatives(b, generator).to(anchor.device)
+    if negatives == "hardest" and name == "softmax_ce" and score is not None:
+        perm = highest_scoring_negative_index(anchor, positive, score, generator=generator)
+    elif negatives == "hardest":
+        perm = hardest_negative_index(anchor, positive)
+    elif negatives == "random":
+        perm = in_batch_negatives(b, generator).to(anchor.device)
+    else:
+        raise ValueError(f"negatives must be 'random' or 'hardest', got {negatives!r}")
     left, right = torch.cat([anchor, anchor]), torch.cat([positive, positive[perm]])
     labels = torch.cat([torch.ones(b, device=anchor.device), torch.zeros(b, device=anchor.device)])
     if name == "contrastive":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.config import LossConfig
-from pipeline.losses import LossName, batch_loss
+from pipeline.losses import LossName, batch_loss, second_order_similarity
 from pipeline.mcloss import diversity_term
 from pipeline.models import fit_input, model_info
 
@@ -47,7 +47,10 @@ class PairObjective(nn.Module):
         b = x.shape[0] // 2
         desc = self._describe(fit_input(x, self.model.input_size)).float().view(b, 2, -1)
         loss = batch_loss(self.name, desc[:, 0], desc[:, 1], margin=self.loss.margin,
-                          anchor_swap=self.loss.anchor_swap, scale=self.loss.scale, score=self._score, generator=self.generator)
+                          anchor_swap=self.loss.anchor_swap, scale=self.loss.scale, score=self._score, generator=self.generator,
+                          negatives=self.loss.negatives)
+        if self.loss.sos_weight > 0:
+            loss = loss + self.loss.sos_weight * second_order_similarity(desc[:, 0], desc[:, 1], self.loss.sos_knn)
         if self.loss.mc_mu > 0:
             maps = self._last_maps.float()
             groups = maps.shape[1] // self.loss.mc_xi * self.loss.mc_xi

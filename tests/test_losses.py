@@ -58,8 +58,10 @@ from pipeline.losses import (  # noqa: E402
     LOSSES,
     batch_loss,
     contrastive_loss,
+    highest_scoring_negative_index,
     in_batch_negatives,
     random_other_index,
+    second_order_similarity,
     softmax_pair_loss,
     triplet_random_negative_loss,
 )
@@ -158,6 +160,42 @@ def test_batch_loss_builds_balanced_pairs():
     assert set(LOSSES) == {"hardest_triplet", "triplet_random", "l2net_relative", "contrastive", "softmax_ce"}
 
 
+def test_hardest_negatives_by_brute_force():
+    """``negatives="hardest"``: each anchor's non-matching partner is, for the contrastive loss, the
+    nearest positive of another pair (near-duplicates excluded), for the pair classifier the other
+    positive it scores most like a match (plain loops over the batch)."""
+    g = torch.Generator().manual_seed(8)
+    a, p = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    p[4] = a[2]  # a duplicate of anchor 2's point under another pair: not a negative for it
+    want = []
+    for i in range(7):
+        dists = [(_dist(a[i], p[j], 1e-6), j) for j in range(7) if j != i and _dist(a[i], p[j], 1e-6) >= 0.008]
+        want.append(min(dists)[1])
+    assert want[2] != 4
+    labels = torch.cat([torch.ones(7), torch.zeros(7)])
+    left, right = torch.cat([a, a]), torch.cat([p, p[want]])
+    got = batch_loss("contrastive", a, p, margin=3.0, negatives="hardest")
+    torch.testing.assert_close(got, contrastive_loss(left, right, labels, 3.0))
+    # the pair classifier: the partner its own score finds most match-like (all 6 others are candidates)
+    score = lambda f1, f2: torch.stack([-(f1 * f2).sum(1), (f1 * f2).sum(1) - f1[:, 0]], dim=1)  # noqa: E731
+    best = [max((j for j in range(7) if j != i), key=lambda j: float((a[i] * p[j]).sum() * 2 - a[i, 0])) for i in range(7)]
+    assert best != want  # the score's choice is not the distance's: the classifier's own opinion is used
+    got = batch_loss("softmax_ce", a, p, score=score, negatives="hardest", generator=torch.Generator().manual_seed(1))
+    right = torch.cat([p, p[best]])
+    torch.testing.assert_close(got, softmax_pair_loss(score(left, right), labels))
+    # a batch larger than the 16 candidates: never itself, and the best of the candidates drawn
+    big_a, big_p = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
+    idx = highest_scoring_negative_index(big_a, big_p, score, generator=torch.Generator().manual_seed(2))
+    assert (idx != torch.arange(40)).all() and len(set(idx.tolist())) > 1
+    # without duplicates, the hardest partner costs at least as much as a random one, for every draw
+    a, p = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    for seed in range(5):
+        rnd = batch_loss("contrastive", a, p, margin=3.0, generator=torch.Generator().manual_seed(seed))
+        assert batch_loss("contrastive", a, p, margin=3.0, negatives="hardest") >= rnd
+    with pytest.raises(ValueError, match="random.*hardest"):
+        batch_loss("contrastive", a, p, negatives="closest")
+
+
 def test_batch_loss_passes_tfeat_anchor_swap_to_the_random_triplet():
     """``loss.anchor_swap`` reaches the random-negative triplet (TFeat's swap), on the same draw."""
     g = torch.Generator().manual_seed(4)
@@ -197,3 +235,41 @@ def test_l2net_relative_loss_matches_the_papers_formula():
     scaled = sum(-0.5 * (math.log(s[i][i] / sum(s[m][i] for m in range(n))) + math.log(s[i][i] / sum(s[i][m] for m in range(n))))
                  for i in range(n)) / n
     assert math.isclose(batch_loss("l2net_relative", a, p, scale=k).item(), scaled, rel_tol=1e-5)
+
+
+def test_second_order_similarity_matches_the_sosnet_formula_by_brute_force():
+    """R_SOS = 1/N sum_i sqrt(sum_{j in c_i} (d(x_i, x_j) - d(x+_i, x+_j))^2), c_i the union of x_i's K
+    nearest anchors and x+_i's K nearest positives (Tian et al. 2019, eqs. 5-6), by plain loops."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(12, 6, generator=g), dim=1)
+    p = torch.nn.functional.normalize(a + 0.3 * torch.randn(12, 6, generator=g), dim=1)
+    k = 3
+    total = 0.0
+    for i in range(12):
+        near_a = sorted((j for j in range(12) if j != i), key=lambda j: _dist(a[i], a[j]))[:k]
+        near_p = sorted((j for j in range(12) if j != i), key=lambda j: _dist(p[i], p[j]))[:k]
+        total += math.sqrt(sum((_dist(a[i], a[j]) - _dist(p[i], p[j])) ** 2 for j in set(near_a) | set(near_p)))
+    got = second_order_similarity(a, p, knn=k)
+    assert got.item() == pytest.approx(total / 12, abs=1e-4)  # pairwise_l2's eps shifts distances by ~1e-6
+    assert second_order_similarity(a, a.clone(), knn=k).item() == pytest.approx(0.0, abs=1e-5)  # same geometry: 0
+    leaf = a.clone().requires_grad_()
+    second_order_similarity(leaf, p, knn=k).backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="more than 3 pairs"):
+        second_order_similarity(a[:3], p[:3], knn=3)
+
+
+def test_the_objective_adds_the_weighted_second_order_term():
+    """``loss.sos_weight`` adds w * R_SOS of the batch's descriptors to the first-order loss."""
+    from pipeline.config import LossConfig
+    from pipeline.models import create_model
+    from pipeline.objectives import PairObjective
+
+    model = create_model("sosnet").eval()  # eval: no dropout, the same descriptors in every forward
+    x = torch.rand(2 * 12, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        desc = model(x).view(12, 2, -1)
+        plain = PairObjective(model, "sosnet", LossConfig())(x)
+        with_sos = PairObjective(model, "sosnet", LossConfig(sos_weight=0.5, sos_knn=4))(x)
+    torch.testing.assert_close(plain, hardest_in_batch_triplet_loss(desc[:, 0], desc[:, 1]))
+    torch.testing.assert_close(with_sos, plain + 0.5 * second_order_similarity(desc[:, 0], desc[:, 1], knn=4))
