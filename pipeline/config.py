@@ -89,8 +89,8 @@ class LossConfig(_Strict):
     anchor_swap: bool = True
     scale: float = Field(1.0, gt=0.0, description="l2net_relative: S = exp(scale * (2 - D)); 1 = the L2-Net paper's")
     negatives: Literal["random", "hardest"] = Field(
-        "random", description="contrastive / softmax_ce: each pair's non-matching partner, a random in-batch one (the "
-                              "papers' sampler) or the closest in descriptor space (HardNet's mining)")
+        "random", description="triplet_random / contrastive / softmax_ce: each pair's one in-batch negative, a random "
+                              "one (the papers' sampler) or the hardest (HardNet's mining; the others use every negative)")
     sos_weight: float = Field(0.0, ge=0.0, description="weight of SOSNet's second-order similarity regulariser "
                                                      "(pipeline.losses.second_order_similarity; 0 = off, the paper's 1)")
     sos_knn: int = Field(8, ge=1, description="neighbours per view in the second-order term (the paper's 8)")

@@ -116,15 +116,23 @@ def triplet_random_negative_loss(
     margin: float = DEFAULT_MARGIN,
     generator: torch.Generator | None = None,
     anchor_swap: bool = False,
+    negatives: Literal["random", "hardest"] = "random",
 ) -> torch.Tensor:
-    """Triplet margin loss with a random in-batch negative (TFeat, and L2-Net here).
+    """Triplet margin loss with one in-batch negative per pair (TFeat).
 
-    For pair i the negative is ``positive[j]`` for a uniformly random j != i (``random_other_index``).
+    For pair i the negative is ``positive[j]`` for a uniformly random j != i (``random_other_index``),
+    or with ``negatives="hardest"`` the closest one (``hardest_negative_index``).
     Loss = mean_i max(0, margin + d(a_i, p_i) - d(a_i, n_i)); with ``anchor_swap`` (TFeat's variant)
     the negative distance is min(d(a_i, n_i), d(p_i, n_i)).
     """
     _check_pairs(anchor, positive)
-    negative = positive[random_other_index(len(anchor), generator).to(positive.device)]
+    if negatives == "hardest":
+        index = hardest_negative_index(anchor, positive)
+    elif negatives == "random":
+        index = random_other_index(len(anchor), generator).to(positive.device)
+    else:
+        raise ValueError(f"negatives must be 'random' or 'hardest', got {negatives!r}")
+    negative = positive[index]
     d_neg = _row_l2(anchor, negative)
     if anchor_swap:
         d_neg = torch.minimum(d_neg, _row_l2(positive, negative))
@@ -225,8 +233,9 @@ def batch_loss(
     (for a pair classifier: its per-patch features, and ``score`` = the model's ``score``).
 
     - ``hardest_triplet``: HardNet's loss (``anchor_swap`` applies).
-    - ``triplet_random``: one random in-batch negative per pair; ``anchor_swap`` is TFeat's swap (the
-      negative distance is the smaller of anchor-negative and positive-negative).
+    - ``triplet_random``: one in-batch negative per pair, random or (``negatives="hardest"``) the
+      closest; ``anchor_swap`` is TFeat's swap (the negative distance is the smaller of
+      anchor-negative and positive-negative).
     - ``l2net_relative``: L2-Net's relative-distance softmax over the whole batch, exponent times
       ``scale`` (``margin`` unused).
     - ``contrastive`` / ``softmax_ce``: the B matching pairs plus B non-matching pairs
@@ -240,7 +249,8 @@ def batch_loss(
     if name == "hardest_triplet":
         return hardest_in_batch_triplet_loss(anchor, positive, margin=margin, anchor_swap=anchor_swap)
     if name == "triplet_random":
-        return triplet_random_negative_loss(anchor, positive, margin=margin, generator=generator, anchor_swap=anchor_swap)
+        return triplet_random_negative_loss(anchor, positive, margin=margin, generator=generator, anchor_swap=anchor_swap,
+                                            negatives=negatives)
     if name == "l2net_relative":
         return l2net_relative_loss(anchor, positive, scale=scale)
     b = len(anchor)

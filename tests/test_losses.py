@@ -161,8 +161,8 @@ def test_batch_loss_builds_balanced_pairs():
 
 
 def test_hardest_negatives_by_brute_force():
-    """``negatives="hardest"``: each anchor's non-matching partner is, for the contrastive loss, the
-    nearest positive of another pair (near-duplicates excluded), for the pair classifier the other
+    """``negatives="hardest"``: each anchor's non-matching partner is, for the contrastive loss and
+    TFeat's triplet, the nearest positive of another pair (near-duplicates excluded), for the pair classifier the other
     positive it scores most like a match (plain loops over the batch)."""
     g = torch.Generator().manual_seed(8)
     a, p = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
@@ -176,6 +176,16 @@ def test_hardest_negatives_by_brute_force():
     left, right = torch.cat([a, a]), torch.cat([p, p[want]])
     got = batch_loss("contrastive", a, p, margin=3.0, negatives="hardest")
     torch.testing.assert_close(got, contrastive_loss(left, right, labels, 3.0))
+    # TFeat's triplet with the same partner, its swap included
+    for swap in (False, True):
+        total = 0.0
+        for i in range(7):
+            d_neg = _dist(a[i], p[want[i]], 1e-6)
+            if swap:
+                d_neg = min(d_neg, _dist(p[i], p[want[i]], 1e-6))
+            total += max(0.0, 3.0 + _dist(a[i], p[i], 1e-6) - d_neg)
+        got = batch_loss("triplet_random", a, p, margin=3.0, anchor_swap=swap, negatives="hardest").item()
+        assert math.isclose(got, total / 7, rel_tol=1e-5, abs_tol=1e-6)
     # the pair classifier: the partner its own score finds most match-like (all 6 others are candidates)
     score = lambda f1, f2: torch.stack([-(f1 * f2).sum(1), (f1 * f2).sum(1) - f1[:, 0]], dim=1)  # noqa: E731
     best = [max((j for j in range(7) if j != i), key=lambda j: float((a[i] * p[j]).sum() * 2 - a[i, 0])) for i in range(7)]
