@@ -131,6 +131,8 @@ def triplet_verdict(rows: list[Row]) -> list[str]:
     contrastive one (``PAIR_ARCHS``): the upper end of its interval below the other's point estimate."""
     triplet = [r for r in rows if r.arch in TRIPLET_ARCHS and not r.overrides]
     pair = [r for r in rows if r.arch in PAIR_ARCHS and not r.overrides]
+    if not triplet or not pair:  # a run of some architectures only: nothing to compare, not a "yes"
+        return ["triplet models vs pair/contrastive ones: not compared (this run lacks one of the two kinds)"]
     lines = []
     for split in ("synthetic", "graf"):
         misses = [f"{t.name} vs {p.name}" for t in triplet for p in pair
