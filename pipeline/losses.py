@@ -97,7 +97,7 @@ def highest_scoring_negative_index(anchor: torch.Tensor, positive: torch.Tensor,
     """A pair classifier's hard negatives: for each i, among ``candidates`` random j != i, the one whose
     pair ``(anchor[i], positive[j])`` the classifier ``score`` finds most like a match (largest
     ``logit_match - logit_nonmatch``). Scoring all B^2 pairs would cost B times a step's metric
-    network; a random subset of 16 already holds the batch's top 1/16th-hardest on average.
+    network; the best of 16 random candidates ranks, on average, among the hardest 1/17 of the batch.
     No gradient flows through the choice."""
     b = len(anchor)
     k = min(candidates, b - 1)
