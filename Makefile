@@ -30,13 +30,14 @@ quality: install
 	$(BIN)/python benchmarks/quality.py
 
 # Issue 17's table: every trainable architecture trained through the pipeline on the same synthetic
-# shards with the same number of pairs, FPR95 on the synthetic eval split and on graf with SIFT
-# (about an hour on 2 idle cores); benchmarks/README.md has the figures. ZOO_ARGS shrinks it on a busy
-# machine, e.g. make zoo ZOO_ARGS="--pairs 1024 --batch-size 128 --graf-pairs 2000".
+# shards with the same number of pairs (98,304 = 768 steps of 128 each, every pair distinct), FPR95 on
+# the synthetic eval split and on graf with SIFT (about an hour on 2 idle cores); benchmarks/README.md
+# has the figures. ZOO_ARGS shrinks it on a busy machine, e.g.
+# make zoo ZOO_ARGS="--pairs 1024 --batch-size 128 --graf-pairs 2000".
 ZOO_SHARDS ?= shards-zoo
-ZOO_ARGS ?=
+ZOO_ARGS ?= --pairs 98304 --batch-size 128
 zoo: install
-	test -f $(ZOO_SHARDS)/manifest.json || $(BIN)/patchflow shards synthetic --out $(ZOO_SHARDS) --train-pairs 60000
+	test -f $(ZOO_SHARDS)/manifest.json || $(BIN)/patchflow shards synthetic --out $(ZOO_SHARDS) --train-pairs 120000
 	nice -n 10 $(BIN)/python benchmarks/zoo.py $(ZOO_SHARDS) $(ZOO_ARGS)
 
 # Issue 13's reference run (about an hour on 2 CPU cores; configs/sweeps/reference.yaml): more pairs of

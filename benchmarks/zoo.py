@@ -5,8 +5,8 @@ then FPR95 with 95 % bootstrap intervals on the synthetic eval split and on Oxfo
 kornia's SIFT, in one table; plus HardNet with the MC-Loss diversity term on (``loss.mc_mu``) against
 the plain HardNet row, same budget and seed.
 
-    patchflow shards synthetic --out shards-zoo --train-pairs 60000
-    .venv/bin/python benchmarks/zoo.py shards-zoo   # or: make zoo [ZOO_SHARDS=shards-zoo] [ZOO_ARGS="--pairs 1024"]
+    patchflow shards synthetic --out shards-zoo --train-pairs 120000
+    .venv/bin/python benchmarks/zoo.py shards-zoo --pairs 98304 --batch-size 128   # or: make zoo (the same)
 
 Each run trains on ``--pairs`` pairs (``train.batch_size`` from the model file, or ``--batch-size`` for
 every run, with the lr scaled by the file's ``lr_reference_batch``; epochs x steps rounded to whole
