@@ -568,7 +568,7 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
             problems.append(f"sweep.pca_dims: expected dims in [1, {built.descriptor_dim}] ({cfg.model.arch}'s descriptor "
                             f"size with this config), got {too_big}")
     if cfg.loss.sos_weight > 0:
-        if built is not None and model_info(cfg.model.arch).kind == "pair_classifier":
+        if model_info(cfg.model.arch).kind == "pair_classifier":
             problems.append(f"loss.sos_weight: {cfg.model.arch!r} is a pair classifier: it has no descriptor distances "
                             "for the second-order term (expected 0)")
         if cfg.train.batch_size <= cfg.loss.sos_knn:

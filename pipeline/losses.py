@@ -81,6 +81,11 @@ def in_batch_negatives(n: int, generator: torch.Generator | None = None) -> torc
             return perm
 
 
+def _check_negatives(negatives: str) -> None:
+    if negatives not in ("random", "hardest"):
+        raise ValueError(f"negatives must be 'random' or 'hardest', got {negatives!r}")
+
+
 def hardest_negative_index(anchor: torch.Tensor, positive: torch.Tensor, duplicate_guard: float = 0.008) -> torch.Tensor:
     """For each i, the j != i whose ``positive[j]`` is closest to ``anchor[i]`` (HardNet's mining, as
     non-matching pairs for the pair losses); distances below ``duplicate_guard`` are duplicates of the
@@ -101,8 +106,8 @@ def highest_scoring_negative_index(anchor: torch.Tensor, positive: torch.Tensor,
     No gradient flows through the choice."""
     b = len(anchor)
     k = min(candidates, b - 1)
-    # k distinct others per row: shifts 1..b-1 without repetition, then mod b
-    shifts = torch.stack([torch.randperm(b - 1, generator=generator)[:k] + 1 for _ in range(b)])
+    # k distinct others per row: shifts 1..b-1 without repetition (a random order of them), then mod b
+    shifts = torch.rand(b, b - 1, generator=generator).argsort(dim=1)[:, :k] + 1
     others = ((torch.arange(b).unsqueeze(1) + shifts) % b).to(anchor.device)
     with torch.no_grad():
         logits = score(anchor.repeat_interleave(k, dim=0), positive[others.reshape(-1)]).float()
@@ -126,12 +131,11 @@ def triplet_random_negative_loss(
     the negative distance is min(d(a_i, n_i), d(p_i, n_i)).
     """
     _check_pairs(anchor, positive)
+    _check_negatives(negatives)
     if negatives == "hardest":
         index = hardest_negative_index(anchor, positive)
-    elif negatives == "random":
-        index = random_other_index(len(anchor), generator).to(positive.device)
     else:
-        raise ValueError(f"negatives must be 'random' or 'hardest', got {negatives!r}")
+        index = random_other_index(len(anchor), generator).to(positive.device)
     negative = positive[index]
     d_neg = _row_l2(anchor, negative)
     if anchor_swap:
@@ -254,14 +258,13 @@ def batch_loss(
     if name == "l2net_relative":
         return l2net_relative_loss(anchor, positive, scale=scale)
     b = len(anchor)
+    _check_negatives(negatives)
     if negatives == "hardest" and name == "softmax_ce" and score is not None:
         perm = highest_scoring_negative_index(anchor, positive, score, generator=generator)
     elif negatives == "hardest":
         perm = hardest_negative_index(anchor, positive)
-    elif negatives == "random":
-        perm = in_batch_negatives(b, generator).to(anchor.device)
     else:
-        raise ValueError(f"negatives must be 'random' or 'hardest', got {negatives!r}")
+        perm = in_batch_negatives(b, generator).to(anchor.device)
     left, right = torch.cat([anchor, anchor]), torch.cat([positive, positive[perm]])
     labels = torch.cat([torch.ones(b, device=anchor.device), torch.zeros(b, device=anchor.device)])
     if name == "contrastive":

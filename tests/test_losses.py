@@ -193,7 +193,7 @@ def test_hardest_negatives_by_brute_force():
     got = batch_loss("softmax_ce", a, p, score=score, negatives="hardest", generator=torch.Generator().manual_seed(1))
     right = torch.cat([p, p[best]])
     torch.testing.assert_close(got, softmax_pair_loss(score(left, right), labels))
-    # a batch larger than the 16 candidates: never itself, and the best of the candidates drawn
+    # a batch larger than the 16 candidates: never itself, and not one fixed partner for every row
     big_a, big_p = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
     idx = highest_scoring_negative_index(big_a, big_p, score, generator=torch.Generator().manual_seed(2))
     assert (idx != torch.arange(40)).all() and len(set(idx.tolist())) > 1
@@ -202,8 +202,9 @@ def test_hardest_negatives_by_brute_force():
     for seed in range(5):
         rnd = batch_loss("contrastive", a, p, margin=3.0, generator=torch.Generator().manual_seed(seed))
         assert batch_loss("contrastive", a, p, margin=3.0, negatives="hardest") >= rnd
-    with pytest.raises(ValueError, match="random.*hardest"):
-        batch_loss("contrastive", a, p, negatives="closest")
+    for name in ("contrastive", "triplet_random"):
+        with pytest.raises(ValueError, match="random.*hardest"):
+            batch_loss(name, a, p, negatives="closest")
 
 
 def test_batch_loss_passes_tfeat_anchor_swap_to_the_random_triplet():
