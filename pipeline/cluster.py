@@ -23,6 +23,8 @@ def pin_cluster_address() -> None:
     from ray._private.utils import get_ray_address_file, read_ray_address, write_ray_address
 
     previous = read_ray_address()
+    # a fresh machine has no /tmp/ray: our clusters keep their files in a temp dir of their own
+    os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
     write_ray_address(ray.get_runtime_context().gcs_address)
 
     def restore() -> None:

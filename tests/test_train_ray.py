@@ -93,11 +93,14 @@ def test_the_cluster_finds_itself_when_another_ray_took_the_machine_wide_record(
 
 
 @pytest.mark.ray
-def test_a_local_cluster_puts_the_machine_wide_record_back_quietly_at_exit():
+@pytest.mark.parametrize("previous", ["127.0.0.1:1", None], ids=["record-present", "fresh-machine"])
+def test_a_local_cluster_puts_the_machine_wide_record_back_quietly_at_exit(previous):
     """``start_local_ray`` records its cluster as the machine's current one and puts the previous
     record back at exit without Ray's "Overwriting previous Ray address" log line, which at
-    interpreter exit could meet a closed stream (a "Logging error" traceback after test runs). A Ray
-    of its own, in a process of its own, under its own temp dir: no other cluster's record is touched."""
+    interpreter exit could meet a closed stream (a "Logging error" traceback after test runs). On a
+    fresh machine (no Ray folder yet, so no record) it creates the folder and removes its record at
+    exit. A Ray of its own, in a process of its own, under its own temp dir: no other cluster's
+    record is touched."""
     import shutil
     import subprocess
     import sys
@@ -106,16 +109,21 @@ def test_a_local_cluster_puts_the_machine_wide_record_back_quietly_at_exit():
 
     short = Path(tempfile.mkdtemp(prefix="pf-t-", dir="/tmp"))  # Ray's socket paths under it have a length limit
     record = short / "ray" / "ray_current_cluster"
-    record.parent.mkdir()
-    record.write_text("127.0.0.1:1")
+    if previous:
+        record.parent.mkdir()
+        record.write_text(previous)
     code = ("import ray; from pipeline.cluster import start_local_ray; start_local_ray(1, include_dashboard=False); "
             f"assert open({str(record)!r}).read() == ray.get_runtime_context().gcs_address")
     try:
         done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_TMPDIR": str(short)},
                               capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert record.read_text() == "127.0.0.1:1"
-        # one "Overwriting previous Ray address" line, Ray's at start; none from the restore at exit
-        assert done.stderr.count("Overwriting previous Ray address") == 1, done.stderr[-2000:]
+        if previous:
+            assert record.read_text() == previous
+            # one "Overwriting previous Ray address" line, Ray's at start; none from the restore at exit
+            assert done.stderr.count("Overwriting previous Ray address") == 1, done.stderr[-2000:]
+        else:
+            assert not record.exists()
+            assert "Overwriting previous Ray address" not in done.stderr
     finally:
         shutil.rmtree(short, ignore_errors=True)
