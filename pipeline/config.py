@@ -88,9 +88,10 @@ class LossConfig(_Strict):
     margin: float = Field(DEFAULT_MARGIN, gt=0.0)
     anchor_swap: bool = True
     scale: float = Field(1.0, gt=0.0, description="l2net_relative: S = exp(scale * (2 - D)); 1 = the L2-Net paper's")
-    negatives: Literal["random", "hardest"] = Field(
+    negatives: Literal["random", "hardest", "mixed"] = Field(
         "random", description="triplet_random / contrastive / softmax_ce: each pair's one in-batch negative, a random "
-                              "one (the papers' sampler) or the hardest (HardNet's mining; the others use every negative)")
+                              "one (the papers' sampler) or the hardest (HardNet's mining; the others use every negative); "
+                              "mixed (pair losses only): one of each per pair")
     sos_weight: float = Field(0.0, ge=0.0, description="weight of SOSNet's second-order similarity regulariser "
                                                      "(pipeline.losses.second_order_similarity; 0 = off, the paper's 1)")
     sos_knn: int = Field(8, ge=1, description="neighbours per view in the second-order term (the paper's 8)")
@@ -574,6 +575,10 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
         if cfg.train.batch_size <= cfg.loss.sos_knn:
             problems.append(f"train.batch_size: expected more than loss.sos_knn = {cfg.loss.sos_knn} pairs per rank for the "
                             f"second-order term, got {cfg.train.batch_size}")
+    if cfg.loss.negatives == "mixed":
+        if (name := cfg.loss.name or model_info(cfg.model.arch).default_loss) not in ("contrastive", "softmax_ce"):
+            problems.append(f"loss.negatives: 'mixed' is for the pair losses (contrastive, softmax_ce), not {cfg.model.arch}'s "
+                            f"{name} (expected random or hardest)")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:
         problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")

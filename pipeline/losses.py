@@ -81,9 +81,14 @@ def in_batch_negatives(n: int, generator: torch.Generator | None = None) -> torc
             return perm
 
 
-def _check_negatives(negatives: str) -> None:
-    if negatives not in ("random", "hardest"):
-        raise ValueError(f"negatives must be 'random' or 'hardest', got {negatives!r}")
+Negatives = Literal["random", "hardest", "mixed"]
+
+
+def _check_negatives(negatives: str, name: str = "contrastive") -> None:
+    if negatives not in ("random", "hardest", "mixed"):
+        raise ValueError(f"negatives must be 'random', 'hardest' or 'mixed', got {negatives!r}")
+    if negatives == "mixed" and name not in ("contrastive", "softmax_ce"):
+        raise ValueError(f"negatives 'mixed' is for the pair losses (contrastive, softmax_ce), not {name}")
 
 
 def hardest_negative_index(anchor: torch.Tensor, positive: torch.Tensor, duplicate_guard: float = 0.008) -> torch.Tensor:
@@ -131,7 +136,7 @@ def triplet_random_negative_loss(
     the negative distance is min(d(a_i, n_i), d(p_i, n_i)).
     """
     _check_pairs(anchor, positive)
-    _check_negatives(negatives)
+    _check_negatives(negatives, "triplet_random")
     if negatives == "hardest":
         index = hardest_negative_index(anchor, positive)
     else:
@@ -231,7 +236,7 @@ def batch_loss(
     scale: float = 1.0,
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
-    negatives: Literal["random", "hardest"] = "random",
+    negatives: Negatives = "random",
 ) -> torch.Tensor:
     """Loss ``name`` of a batch of B matching pairs, given their descriptors ``anchor``/``positive`` (B, D)
     (for a pair classifier: its per-patch features, and ``score`` = the model's ``score``).
@@ -245,7 +250,10 @@ def batch_loss(
     - ``contrastive`` / ``softmax_ce``: the B matching pairs plus B non-matching pairs
       ``(a_i, p_pi(i))`` with pi = ``in_batch_negatives`` (balanced, as MatchNet's sampler), or with
       ``negatives="hardest"`` pi(i) = ``hardest_negative_index`` (closest in descriptor space), for the
-      pair classifier ``highest_scoring_negative_index`` (most match-like by its own score).
+      pair classifier ``highest_scoring_negative_index`` (most match-like by its own score); or with
+      ``negatives="mixed"`` both: every matching pair twice and, for each, one random and one hard
+      non-matching pair (4B pairs, still balanced), so that mining does not starve a classifier of the
+      easy negatives it learns from first.
     """
     if name not in LOSSES:
         raise KeyError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
@@ -258,15 +266,17 @@ def batch_loss(
     if name == "l2net_relative":
         return l2net_relative_loss(anchor, positive, scale=scale)
     b = len(anchor)
-    _check_negatives(negatives)
-    if negatives == "hardest" and name == "softmax_ce" and score is not None:
-        perm = highest_scoring_negative_index(anchor, positive, score, generator=generator)
-    elif negatives == "hardest":
-        perm = hardest_negative_index(anchor, positive)
-    else:
-        perm = in_batch_negatives(b, generator).to(anchor.device)
-    left, right = torch.cat([anchor, anchor]), torch.cat([positive, positive[perm]])
-    labels = torch.cat([torch.ones(b, device=anchor.device), torch.zeros(b, device=anchor.device)])
+    _check_negatives(negatives, name)
+    chosen = []  # each positive's non-matching partners
+    if negatives in ("random", "mixed"):
+        chosen.append(in_batch_negatives(b, generator).to(anchor.device))
+    if negatives in ("hardest", "mixed"):
+        chosen.append(highest_scoring_negative_index(anchor, positive, score, generator=generator)
+                      if name == "softmax_ce" and score is not None else hardest_negative_index(anchor, positive))
+    k = len(chosen)
+    left = torch.cat([anchor] * 2 * k)
+    right = torch.cat([positive] * k + [positive[perm] for perm in chosen])
+    labels = torch.cat([torch.ones(k * b, device=anchor.device), torch.zeros(k * b, device=anchor.device)])
     if name == "contrastive":
         return contrastive_loss(left, right, labels, margin=margin)
     if score is None:

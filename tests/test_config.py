@@ -36,6 +36,7 @@ def write(tmp_path, text, name="run.yaml"):
         ),
         ("data: {shards: s}\nsweep: {search_space: {loss.marg: {choice: [1]}}}\n", "sweep.search_space", "unknown key 'loss.marg'"),
         ("data: {shards: s}\nmodel: {arch: matchnet}\nloss: {sos_weight: 1}\n", "loss.sos_weight", "pair classifier"),
+        ("data: {shards: s}\nmodel: {arch: tfeat}\nloss: {negatives: mixed}\n", "loss.negatives", "pair losses"),
         ("data: {shards: s}\nmodel: {arch: sosnet}\nloss: {sos_weight: 1}\ntrain: {batch_size: 8}\n", "train.batch_size",
          "expected more than loss.sos_knn = 8 pairs per rank"),
     ],

@@ -207,6 +207,24 @@ def test_hardest_negatives_by_brute_force():
             batch_loss(name, a, p, negatives="closest")
 
 
+def test_mixed_negatives_average_the_random_and_the_hardest_loss():
+    """``negatives="mixed"``: each matching pair twice, one random and one hard non-matching pair each;
+    both halves balanced, so the loss is the mean of the random-negative and the hardest-negative
+    losses (the same random draw; with 7 pairs the classifier's 16 candidates are all 6 others)."""
+    g = torch.Generator().manual_seed(11)
+    a, p = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    score = lambda f1, f2: torch.stack([-(f1 * f2).sum(1), (f1 * f2).sum(1) - f1[:, 0]], dim=1)  # noqa: E731
+    for name in ("contrastive", "softmax_ce"):
+        for seed in range(3):
+            kw = dict(margin=2.0, score=score)
+            mixed = batch_loss(name, a, p, negatives="mixed", generator=torch.Generator().manual_seed(seed), **kw)
+            rnd = batch_loss(name, a, p, negatives="random", generator=torch.Generator().manual_seed(seed), **kw)
+            hard = batch_loss(name, a, p, negatives="hardest", generator=torch.Generator().manual_seed(seed), **kw)
+            torch.testing.assert_close(mixed, (rnd + hard) / 2)
+    with pytest.raises(ValueError, match="pair losses"):
+        batch_loss("triplet_random", a, p, negatives="mixed")
+
+
 def test_batch_loss_passes_tfeat_anchor_swap_to_the_random_triplet():
     """``loss.anchor_swap`` reaches the random-negative triplet (TFeat's swap), on the same draw."""
     g = torch.Generator().manual_seed(4)
