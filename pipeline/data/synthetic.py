@@ -304,7 +304,8 @@ def _make_split(split: str, refs: list[str], n_pairs: int, patch: int, seed: int
 # choice (HardNet, 61k pairs, against the default all-"dog-oriented" train data on this eval split)
 # is in benchmarks/README.md. Graf (real pairs) is the test, never used to choose these. Cost: every
 # construction detects anew, so "varied" takes ~7x the default's generation time (measured 490 vs
-# 72 CPU-s for 20k + 2k pairs), too much for the demo's 10 minutes; the demo keeps the default.
+# 72 CPU-s for 20k + 2k pairs; 154 vs 32 s wall for 120k + 4k on a 2-vCPU EPYC, 2026-12-06), too much for the
+# demo's 10 minutes on slower CPUs; the demo keeps the default.
 NAMED_MIXES: dict[str, dict[str, dict[str, float]]] = {
     "varied": {
         "train": {"dog-oriented": 1, "dog-upright": 1, "harris-upright": 1, "hessian-upright": 1, "dog-rotated": 1,
