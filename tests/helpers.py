@@ -92,18 +92,14 @@ def checkpoint_fpr95(checkpoint_path: str, cfg: Config) -> float:
     return evaluate_pairs(model, pairs, labels, plan)[METRIC]
 
 
-def untrained_fpr95(cfg: Config) -> float:
-    """FPR95 of the configured model with the weights training starts from (seeded as the loop seeds)."""
+def untrained_state(cfg: Config) -> dict:
+    """The configured model's state dict with the weights training starts from (seeded as the loop seeds)."""
     import torch
 
     from pipeline.checkpoint import build_model
-    from pipeline.data.shards import shard_paths
-    from pipeline.data.stream import load_pairs
-    from pipeline.evaluate import METRIC, evaluate_pairs
 
     torch.manual_seed(cfg.train.seed)
-    pairs, labels, _ = load_pairs(shard_paths(cfg.data.shards, "eval"), cfg.data.eval_pairs)
-    return evaluate_pairs(build_model(cfg), pairs, labels)[METRIC]
+    return build_model(cfg).state_dict()
 
 
 def save_checkpoint(folder, model, cfg: Config) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import checkpoint_fpr95, small_config, untrained_fpr95
+from helpers import checkpoint_fpr95, small_config, untrained_state
 from pipeline.checkpoint import load_state
 from pipeline.evaluate import METRIC
 from pipeline.hooks import DumpParams
@@ -32,15 +32,18 @@ def test_ddp_ranks_stay_in_sync_and_a_restart_does_not_log_an_epoch_twice(ray_cl
                            hooks=DumpParams(str(dump))).fit()
 
     assert result.metrics["epoch"] == 2
-    # 10 steps on 2 ranks already separate matching from non-matching pairs better than the
-    # initial weights do (0.556 against 0.587 when measured), and the figure is the checkpoint's
-    assert result.metrics[METRIC] < untrained_fpr95(cfg)
+    # The reported figure is the checkpoint's. Whether 10 steps already beat the initial weights
+    # depends on the CPU's floating-point order (0.556 vs 0.587 on a Xeon, 0.636 vs 0.536 on an EPYC),
+    # so that learning is asserted by longer runs (test_digits.py); here only that the ranks stepped.
     assert result.metrics[METRIC] == checkpoint_fpr95(result.checkpoint.path, cfg)
+    initial = untrained_state(cfg)
     for epoch in range(2):
         r0 = torch.load(dump / f"rank0-epoch{epoch}.pt")
         r1 = torch.load(dump / f"rank1-epoch{epoch}.pt")
         weights = [k for k in r0 if k.endswith("weight")]
         assert weights and all(torch.equal(r0[k], r1[k]) for k in weights), "DDP let the ranks' weights diverge"
+        # every layer moved by optimizer steps (~1e-2 here; 1e-7 of rounding at lr 1e-30)
+        assert all((r0[k] - initial[k]).abs().max() > 1e-4 for k in weights), "no optimizer step reached a layer"
         # ...while each rank really saw its own data: BatchNorm running stats are per-rank statistics.
         assert not torch.equal(r0["features.1.running_mean"], r1["features.1.running_mean"])
     # The checkpoint holds the synchronised weights and the MLflow run id.
