@@ -84,7 +84,7 @@ def in_batch_negatives(n: int, generator: torch.Generator | None = None) -> torc
 Negatives = Literal["random", "hardest", "mixed"]
 
 
-def _check_negatives(negatives: str, name: str = "contrastive") -> None:
+def _check_negatives(negatives: str, name: str) -> None:
     if negatives not in ("random", "hardest", "mixed"):
         raise ValueError(f"negatives must be 'random', 'hardest' or 'mixed', got {negatives!r}")
     if negatives == "mixed" and name not in ("contrastive", "softmax_ce"):
