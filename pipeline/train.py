@@ -9,8 +9,10 @@ one rank would wait for the others), the figure is shared with every rank, and a
 and the MLflow run id, so a restart continues the same run at the same step.
 
 With ``train.time_budget_s`` the first epoch runs until rank 0 has timed its steps; it then plans
-``batches_per_epoch`` (``pipeline.budget``), every rank takes rank 0's plan, and the checkpoint
-carries the plan so that a restarted run keeps its schedule.
+``batches_per_epoch`` (``pipeline.budget``), every rank takes rank 0's plan, and every later epoch
+starts with a re-plan of the epochs left from what rank 0 measured in the previous one (a probe
+taken under passing load no longer sizes the whole run). The checkpoint carries the plan, so a
+restarted run goes on with the schedule it had.
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ class _Worker:
         if self.step_plan is not None:
             self.batches_per_epoch = self.step_plan.batches_per_epoch
         self.first_batch_s = 0.0
+        # Rank 0's timing of the last epoch, for the re-plan at the next one's start: (time, steps) when
+        # its steady part started (the first batch, or the first plan), its end, and the step time.
+        self.steady_start: tuple[float, int] | None = None
+        self.steps_ended_at: float | None = None
+        self.measured_step_s: float | None = None
         self.logger = None
         if self.rank == 0:  # only rank 0 logs: the other ranks never import MLflow (~2 CPU-s per process)
             from pipeline.tracking import RunLogger
@@ -133,13 +140,18 @@ class _Worker:
     @property
     def total_steps(self) -> int | None:
         """None while a budgeted run is still timing its first steps."""
+        if self.step_plan is not None:
+            return self.step_plan.total_steps
         return None if self.batches_per_epoch is None else self.cfg.train.epochs * self.batches_per_epoch
 
     def _lr(self) -> float:
         # The probe steps of a budgeted run, before the plan exists, run at the base lr (their
         # decay, 1 - step/total_steps, would differ from 1 by a few per mille).
-        linear = self.cfg.train.lr_schedule == "linear_to_zero" and self.total_steps is not None
-        return self.base_lr * ((1.0 - self.step / self.total_steps) if linear else 1.0)
+        if self.cfg.train.lr_schedule != "linear_to_zero" or self.total_steps is None:
+            return self.base_lr
+        if self.step_plan is not None:  # continuous across re-plans
+            return self.base_lr * self.step_plan.lr_scale(self.step)
+        return self.base_lr * (1.0 - self.step / self.total_steps)
 
     def budget_elapsed_s(self) -> float:
         return time.time() - self.budget_start
@@ -161,31 +173,45 @@ class _Worker:
         save_s = time.perf_counter() - t0
         return per_pair * (n + (PCA_FIT_PAIRS if fits_pca else 0)) + save_s + self.first_batch_s + EPOCH_ALLOWANCE_S
 
-    def _plan(self, steps_done: int) -> None:
-        """Fix batches_per_epoch from rank 0's timing; every rank takes rank 0's plan (one broadcast,
-        at the same step on every rank), and rank 0 logs it to MLflow."""
+    def _plan(self, epochs_done: int) -> None:
+        """Fix batches_per_epoch from rank 0's timing: the first plan inside the first epoch (from the
+        probe and an estimated epoch end), a re-plan of the epochs left at every later epoch's start
+        (from the previous epoch's measured step and epoch-end times; a resumed run's first re-plan
+        takes its checkpointed plan's figures). Every rank takes rank 0's plan (one broadcast, at
+        the same step on every rank), and rank 0 logs it to MLflow at step ``epochs_done``."""
         t = self.cfg.train
-        fields = torch.zeros(8, dtype=torch.float64)
+        fields = torch.zeros(11, dtype=torch.float64)
         if self.rank == 0:
-            eval_s = self._estimate_eval_s()
-            p = plan_steps(budget_s=t.time_budget_s, elapsed_s=self.budget_elapsed_s(), steps_done=steps_done,
-                           step_s=self.timer.step_s, eval_s=eval_s, epochs=t.epochs, pairs_per_step=t.batch_size * self.world)
+            old = self.step_plan
+            if old is None:
+                step_s, eval_s = self.timer.step_s, self._estimate_eval_s()
+            else:
+                step_s = self.measured_step_s or old.step_s
+                eval_s = (time.time() - self.steps_ended_at + self.first_batch_s) if self.steps_ended_at else old.eval_s
+            p = plan_steps(budget_s=t.time_budget_s, elapsed_s=self.budget_elapsed_s(), steps_done=self.step,
+                           step_s=step_s, eval_s=eval_s, epochs=t.epochs, pairs_per_step=t.batch_size * self.world,
+                           epochs_done=epochs_done, lr_start_step=self.step if old else 0,
+                           lr_start_scale=old.lr_scale(self.step) if old else 1.0)
             fields = torch.tensor([p.budget_s, p.epochs, p.batches_per_epoch, p.step_s, p.pairs_per_s, p.eval_s,
-                                   p.elapsed_s, p.steps_done], dtype=torch.float64)
+                                   p.elapsed_s, p.steps_done, p.epochs_done, p.lr_start_step, p.lr_start_scale],
+                                  dtype=torch.float64)
         if self.world > 1 and dist.is_available() and dist.is_initialized():
             fields = fields.to(self.plan.device)
             dist.broadcast(fields, src=0)
             fields = fields.cpu()
         v = fields.tolist()
         self.step_plan = StepPlan(budget_s=v[0], epochs=int(v[1]), batches_per_epoch=int(v[2]), step_s=v[3],
-                                  pairs_per_s=v[4], eval_s=v[5], elapsed_s=v[6], steps_done=int(v[7]))
+                                  pairs_per_s=v[4], eval_s=v[5], elapsed_s=v[6], steps_done=int(v[7]),
+                                  epochs_done=int(v[8]), lr_start_step=int(v[9]), lr_start_scale=v[10])
         self.batches_per_epoch, self.timer = self.step_plan.batches_per_epoch, None
         if self.rank == 0:
             p = self.step_plan
-            log.info("time budget %s: %d epochs x %d batches (%.0f pairs/s measured, %.1f s per epoch-end eval)%s",
-                     format_duration(p.budget_s), p.epochs, p.batches_per_epoch, p.pairs_per_s, p.eval_s,
+            what = (f"{p.epochs} epochs x {p.batches_per_epoch} batches" if not p.epochs_done else
+                    f"re-planned at epoch {p.epochs_done + 1}: {p.epochs - p.epochs_done} epochs x {p.batches_per_epoch} batches left")
+            log.info("time budget %s: %s (%.0f pairs/s measured, %.1f s per epoch end)%s",
+                     format_duration(p.budget_s), what, p.pairs_per_s, p.eval_s,
                      "" if p.fits else f"; the shortest plan ends at {format_duration(p.projected_s)}, over the budget")
-            self.logger.metrics(p.mlflow_metrics(), step=0)
+            self.logger.metrics(p.mlflow_metrics(), step=p.epochs_done)
 
     def plan_state(self) -> dict[str, Any]:
         """The checkpoint's part: the plan and the budget time used so far (a resumed run keeps both)."""
@@ -208,6 +234,8 @@ class _Worker:
         self.augment_rng.manual_seed(epoch_seed)
         self.loss_rng.manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)
+        if self.step_plan is not None and epoch > self.step_plan.epochs_done:
+            self._plan(epochs_done=epoch)
         loader = train_loader(
             self.train_urls,
             loader_workers=cfg.data.loader_workers,
@@ -224,8 +252,9 @@ class _Worker:
         if self.timer is not None:
             self.timer.start()
         for batch in loader:
-            if self.timer is not None and stats.batches == 0:
+            if stats.batches == 0:
                 self.first_batch_s = time.perf_counter() - t0  # the loader's start, paid again every epoch
+                self.steady_start = (time.time(), 0)
             self.hooks.on_batch(batch, rank=rank)
             pairs = batch["pairs"]
             stats.skipped += batch["skipped"]
@@ -248,10 +277,15 @@ class _Worker:
             stats.loss_sum += loss.item()
             stats.batches += 1
             if self.timer is not None and self.timer.step_done(stats.batches):
-                self._plan(stats.batches)
+                self._plan(epochs_done=0)
+                self.steady_start = (time.time(), stats.batches)  # the probe's own steps include the warm-up
             if stats.batches == self.batches_per_epoch:
                 break  # a planned first epoch (its loader was opened without an end)
         stats.seconds = time.perf_counter() - t0
+        self.steps_ended_at = time.time()
+        if self.steady_start is not None and stats.batches - self.steady_start[1] >= 3:
+            self.measured_step_s = (self.steps_ended_at - self.steady_start[0]) / (stats.batches - self.steady_start[1])
+        self.steady_start = None
         return stats
 
     def evaluate(self) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:

@@ -1,6 +1,6 @@
 """Training sized by a time budget (``train.time_budget_s``, pipeline.budget): durations, the plan on
-a fake clock (no timed asserts), and one real 2-rank run whose logged plan is consistent, agreed by
-both ranks and kept across a restart."""
+a fake clock (no timed asserts), re-plans at each epoch's start, and one real 2-rank run whose
+logged plans are consistent, agreed by both ranks and carried across a restart."""
 
 from __future__ import annotations
 
@@ -114,6 +114,81 @@ def test_a_budget_smaller_than_the_probe_keeps_the_steps_taken_and_says_it_does_
     assert plan.batches_per_epoch == 13 and not plan.fits and ended > 20  # the probe's 13 steps are the first epoch
 
 
+def _run_with_replans(budget_s: float, epochs: int, step_s: float, eval_s: float, probe_slowdown: float,
+                      replan: bool):
+    """A whole run on a fake clock whose probe steps ran ``probe_slowdown`` times slower than the
+    rest (other load on the machine at that moment), re-planned at every later epoch's start from
+    the previous epoch's measured step and epoch-end times as the trainer does, or not. Returns the
+    plans, when the run ended and the lr scale before every step."""
+    clock, start, warmup, probe = FakeClock(), FakeClock().now, 3, 10
+    clock.now += 9.0
+    timer = StepTimer(warmup, probe, clock)
+    timer.start()
+    steps = 0
+    while not timer.step_done(steps):
+        clock.now += step_s * (4.0 if steps < warmup else probe_slowdown)
+        steps += 1
+    plans = [plan_steps(budget_s=budget_s, elapsed_s=clock.now - start, steps_done=steps, step_s=timer.step_s,
+                        eval_s=eval_s, epochs=epochs, pairs_per_step=128)]
+    scales = [1.0] * steps
+    for epoch in range(epochs):
+        plan = plans[-1]
+        if epoch > 0 and replan:
+            old = plan
+            plan = plan_steps(budget_s=budget_s, elapsed_s=clock.now - start, steps_done=steps, step_s=step_s,
+                              eval_s=eval_s, epochs=epochs, pairs_per_step=128, epochs_done=epoch,
+                              lr_start_step=steps, lr_start_scale=old.lr_scale(steps))
+            plans.append(plan)
+        in_epoch = steps if epoch == 0 else 0  # the first epoch holds the probe's steps
+        while in_epoch < plan.batches_per_epoch:
+            scales.append(plan.lr_scale(steps))
+            clock.now += step_s
+            steps += 1
+            in_epoch += 1
+        clock.now += eval_s
+    assert steps == plans[-1].total_steps
+    return plans, clock.now - start, scales
+
+
+@pytest.mark.parametrize("budget_s, epochs, step_s, eval_s", [(2700, 6, 0.55, 12.0), (150, 3, 0.2, 4.0)])
+def test_a_probe_slowed_by_passing_load_is_corrected_at_the_next_epoch(budget_s, epochs, step_s, eval_s):
+    # make reference's case: the probe ran beside another job at half speed; the plan made from it
+    # alone ends the run with about half of its budget unused
+    plans, ended, _ = _run_with_replans(budget_s, epochs, step_s, eval_s, probe_slowdown=2.2, replan=False)
+    assert ended < 0.6 * budget_s
+    plans, ended, scales = _run_with_replans(budget_s, epochs, step_s, eval_s, probe_slowdown=2.2, replan=True)
+    assert len(plans) == epochs and [p.epochs_done for p in plans] == list(range(epochs))
+    # with re-plans the run ends within the budget, short of it by less than one step per epoch left
+    # after the first (the first epoch is the slow plan's)
+    assert ended <= budget_s + 1e-9 and budget_s - ended < (epochs - 1) * step_s
+    assert plans[-1].fits and ended == pytest.approx(plans[-1].projected_s)
+    # the lr schedule goes on without a jump: never up, never down by more than the steepest plan's
+    # step (the first, shortest one), and its last step is the last before zero
+    steady = scales[plans[0].steps_done:]  # the probe's steps ran at the base lr, before any plan
+    gaps = [a - b for a, b in zip(steady, steady[1:])]
+    assert min(gaps) >= -1e-12 and max(gaps) <= 1.0 / plans[0].total_steps + 1e-12
+    assert plans[-1].lr_scale(plans[-1].total_steps) == 0.0 and scales[-1] > 0.0
+
+
+def test_a_replan_continues_the_schedule_from_where_the_old_plan_had_got():
+    first = plan_steps(budget_s=100, elapsed_s=15, steps_done=5, step_s=1.0, eval_s=0.0, epochs=3, pairs_per_step=8)
+    assert first.total_steps == 90 and first.lr_scale(30) == pytest.approx(1 - 30 / 90)
+    again = plan_steps(budget_s=100, elapsed_s=30, steps_done=30, step_s=0.5, eval_s=0.0, epochs=3, pairs_per_step=8,
+                       epochs_done=1, lr_start_step=30, lr_start_scale=first.lr_scale(30))
+    # two epochs left, 70 s at 0.5 s per step: 70 steps each, after the 30 taken
+    assert again.batches_per_epoch == 70 and again.total_steps == 170
+    assert again.lr_scale(30) == pytest.approx(first.lr_scale(30)) and again.lr_scale(170) == 0.0
+    assert again.lr_scale(100) == pytest.approx(first.lr_scale(30) * 70 / 140)
+    assert again.projected_s == pytest.approx(100.0) and again.fits
+    assert StepPlan.from_dict(again.as_dict()) == again
+    # a checkpoint written before re-plans existed has no epochs_done / lr fields: it reads as a first plan
+    old = {k: v for k, v in first.as_dict().items() if k not in ("epochs_done", "lr_start_step", "lr_start_scale")}
+    assert StepPlan.from_dict(old) == first
+    with pytest.raises(ValueError, match="epochs_done"):
+        plan_steps(budget_s=100, elapsed_s=30, steps_done=30, step_s=0.5, eval_s=0.0, epochs=3, pairs_per_step=8,
+                   epochs_done=3)
+
+
 def test_no_warmup_times_from_the_start():
     clock = FakeClock()
     timer = StepTimer(0, 2, clock)
@@ -149,8 +224,8 @@ class FailInEpoch(TrainHooks):
             raise RuntimeError(f"injected failure on rank {rank} in epoch {epoch}")
 
 
-def test_budgeted_ddp_run_plans_once_agrees_on_every_rank_and_keeps_its_plan(ray_cluster, synthetic_shards, tmp_path,
-                                                                             tracking_uri):
+def test_budgeted_ddp_run_agrees_on_every_rank_replans_each_epoch_and_goes_on_after_a_restart(
+        ray_cluster, synthetic_shards, tmp_path, tracking_uri):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # FailInEpoch reaches the workers by value
@@ -165,28 +240,36 @@ def test_budgeted_ddp_run_plans_once_agrees_on_every_rank_and_keeps_its_plan(ray
     hooks = HookList([RecordReads(str(reads)), FailInEpoch(rank=1, epoch=1, marker=str(marker))])
     result = build_trainer(cfg, name="budgeted", tracking_uri=tracking_uri, mlflow_run_id=run_id, hooks=hooks).fit()
 
-    # planned once: the restart in epoch 2 restored the plan from epoch 1's checkpoint instead of re-planning
+    # the first plan inside epoch 1; a re-plan at epoch 2's start, made again after the restart in it
+    # (from epoch 1's checkpointed plan)
     assert marker.read_text().startswith("failed at epoch 1")
-    logged = {k: [m.value for m in client.get_metric_history(run_id, f"plan/{k}")]
-              for k in ("budget_s", "total_steps", "batches_per_epoch", "epochs", "pairs_per_s", "step_s", "eval_s",
-                        "elapsed_s")}
-    assert all(len(v) == 1 for v in logged.values()), logged
-    plan = {k: v[0] for k, v in logged.items()}
-    assert plan["budget_s"] == 25 and plan["epochs"] == epochs
-    # the plan is the formula's answer for the figures it logged (at least the probe's own steps)
-    fit = math.floor((plan["budget_s"] - plan["elapsed_s"] - epochs * plan["eval_s"]) / plan["step_s"] + 1e-9)
-    assert plan["batches_per_epoch"] == max((warmup + probe + max(0, fit)) // epochs, warmup + probe)
-    assert plan["total_steps"] == epochs * plan["batches_per_epoch"]
-    assert plan["pairs_per_s"] == pytest.approx(16 * 2 / plan["step_s"])
-    bpe = int(plan["batches_per_epoch"])
+    keys = ("budget_s", "total_steps", "batches_per_epoch", "epochs", "pairs_per_s", "step_s", "eval_s", "elapsed_s",
+            "epochs_done", "lr_start_step", "lr_start_scale")
+    logged = {k: [m.value for m in client.get_metric_history(run_id, f"plan/{k}")] for k in keys}
+    assert logged["epochs_done"] == [0, 1, 1], logged
+    first = {k: v[0] for k, v in logged.items()}
+    last = {k: v[-1] for k, v in logged.items()}
+    assert first["budget_s"] == 25 and first["epochs"] == epochs
+    # each plan is the formula's answer for the figures it logged: the first keeps at least the
+    # probe's own steps; the re-plan sizes the one epoch left after the first epoch's steps
+    fit = math.floor((first["budget_s"] - first["elapsed_s"] - epochs * first["eval_s"]) / first["step_s"] + 1e-9)
+    assert first["batches_per_epoch"] == max((warmup + probe + max(0, fit)) // epochs, warmup + probe)
+    assert first["total_steps"] == epochs * first["batches_per_epoch"]
+    assert first["pairs_per_s"] == pytest.approx(16 * 2 / first["step_s"])
+    bpe0 = int(first["batches_per_epoch"])
+    fit = math.floor((last["budget_s"] - last["elapsed_s"] - last["eval_s"]) / last["step_s"] + 1e-9)
+    assert last["batches_per_epoch"] == max(fit, 1) and last["total_steps"] == bpe0 + last["batches_per_epoch"]
+    # the schedule goes on from where the first plan had got: lr x (1 - steps/total) at the re-plan
+    assert last["lr_start_step"] == bpe0 and last["lr_start_scale"] == pytest.approx(1 - bpe0 / first["total_steps"])
+    bpe1 = int(last["batches_per_epoch"])
 
-    # both ranks trained exactly the plan's batches in each epoch (rank 1's plan is rank 0's)
-    for epoch in range(epochs):
+    # both ranks trained exactly the plans' batches in each epoch (rank 1's plans are rank 0's)
+    for epoch, bpe in enumerate((bpe0, bpe1)):
         counts = [len(json.loads((reads / f"rank{r}-epoch{epoch}.json").read_text())["ids"]) for r in (0, 1)]
         assert counts == [bpe * 16, bpe * 16], (epoch, counts)
     state = load_state(result.checkpoint.path)
-    assert state["step"] == plan["total_steps"] and StepPlan.from_dict(state["plan"]).total_steps == plan["total_steps"]
-    assert result.metrics["planned_steps"] == plan["total_steps"] and result.metrics["planned_epochs"] == epochs
-    # the linear schedule reached its last step: lr = base x (1 - (S-1)/S)
-    assert result.metrics["lr"] == pytest.approx(cfg.train.lr / plan["total_steps"])
+    assert state["step"] == last["total_steps"] and StepPlan.from_dict(state["plan"]).total_steps == last["total_steps"]
+    assert result.metrics["planned_steps"] == last["total_steps"] and result.metrics["planned_epochs"] == epochs
+    # the linear schedule reached its last step: lr = base x scale x (1 / steps from the re-plan to the end)
+    assert result.metrics["lr"] == pytest.approx(cfg.train.lr * last["lr_start_scale"] / bpe1)
     assert "budget_left_s" in result.metrics
