@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pipeline.budget import parse_duration
 from pipeline.data.hpatches import SPLIT_NAMES as HPATCHES_SPLITS
 from pipeline.device import gpu_count
-from pipeline.losses import DEFAULT_MARGIN, LossName
+from pipeline.losses import DEFAULT_MARGIN, PAIR_LOSSES, LossName, Negatives
 from pipeline.models import create_model, list_models, model_info, model_options
 
 
@@ -88,7 +88,7 @@ class LossConfig(_Strict):
     margin: float = Field(DEFAULT_MARGIN, gt=0.0)
     anchor_swap: bool = True
     scale: float = Field(1.0, gt=0.0, description="l2net_relative: S = exp(scale * (2 - D)); 1 = the L2-Net paper's")
-    negatives: Literal["random", "hardest", "mixed"] = Field(
+    negatives: Negatives = Field(
         "random", description="triplet_random / contrastive / softmax_ce: each pair's one in-batch negative, a random "
                               "one (the papers' sampler) or the hardest (HardNet's mining; the others use every negative); "
                               "mixed (pair losses only): one of each per pair")
@@ -576,8 +576,8 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
             problems.append(f"train.batch_size: expected more than loss.sos_knn = {cfg.loss.sos_knn} pairs per rank for the "
                             f"second-order term, got {cfg.train.batch_size}")
     if cfg.loss.negatives == "mixed":
-        if (name := cfg.loss.name or model_info(cfg.model.arch).default_loss) not in ("contrastive", "softmax_ce"):
-            problems.append(f"loss.negatives: 'mixed' is for the pair losses (contrastive, softmax_ce), not {cfg.model.arch}'s "
+        if (name := cfg.loss.name or model_info(cfg.model.arch).default_loss) not in PAIR_LOSSES:
+            problems.append(f"loss.negatives: 'mixed' is for the pair losses ({', '.join(PAIR_LOSSES)}), not {cfg.model.arch}'s "
                             f"{name} (expected random or hardest)")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:

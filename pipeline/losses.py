@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 
@@ -82,13 +82,16 @@ def in_batch_negatives(n: int, generator: torch.Generator | None = None) -> torc
 
 
 Negatives = Literal["random", "hardest", "mixed"]
+# The losses on (pair, match-or-not) examples: the only ones that can take both kinds of negative
+# for every pair ("mixed"); a triplet has one negative slot.
+PAIR_LOSSES = ("contrastive", "softmax_ce")
 
 
 def _check_negatives(negatives: str, name: str) -> None:
-    if negatives not in ("random", "hardest", "mixed"):
+    if negatives not in get_args(Negatives):
         raise ValueError(f"negatives must be 'random', 'hardest' or 'mixed', got {negatives!r}")
-    if negatives == "mixed" and name not in ("contrastive", "softmax_ce"):
-        raise ValueError(f"negatives 'mixed' is for the pair losses (contrastive, softmax_ce), not {name}")
+    if negatives == "mixed" and name not in PAIR_LOSSES:
+        raise ValueError(f"negatives 'mixed' is for the pair losses ({', '.join(PAIR_LOSSES)}), not {name}")
 
 
 def hardest_negative_index(anchor: torch.Tensor, positive: torch.Tensor, duplicate_guard: float = 0.008) -> torch.Tensor:
