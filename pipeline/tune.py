@@ -266,7 +266,8 @@ def find_sweep(sweep_id: str, tracking_uri: str | None = None) -> tuple[str, lis
         return parent, [Config.model_validate(raw) for raw in json.load(f).values()]
 
 
-def _print_line(line: str) -> None:
+def print_progress(line: str) -> None:
+    """The console's progress printer (the CLI's default ``progress``), flushed at once."""
     print(line, flush=True)
 
 
@@ -284,7 +285,7 @@ def run_sweep(
     parent run is created and closed here); with one, it is that sweep's part for ``model.arch``.
     ``progress`` gets one line per trial and epoch; ``verbose=False`` keeps Tune's status table
     and Ray's own output off the console (``pipeline.cluster.quiet_ray``)."""
-    progress = progress or _print_line  # a module function: Tune pickles its callbacks, and builtins.print
+    progress = progress or print_progress  # a module function: Tune pickles its callbacks, and builtins.print
     # may be rebound in the driver (then cloudpickle refuses it)
     from mlflow.tracking import MlflowClient
     import ray

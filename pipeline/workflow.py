@@ -34,15 +34,12 @@ from pipeline.registry import (CHALLENGER, CHAMPION, Gate, Promotion, Registrati
                                register_checkpoint, registered_version)
 from pipeline.tracking import (RunLogger, SyncResult, TrackingError, finish_run, first_line, get_or_create_experiment,
                                guarded, pending_files, resolve_tracking_uri, sync_pending)
-from pipeline.tune import SweepResult, TrialOutcome, effect_of, find_sweep, new_sweep_id, run_sweep, start_parent_run
+from pipeline.tune import (SweepResult, TrialOutcome, effect_of, find_sweep, new_sweep_id, print_progress, run_sweep,
+                           start_parent_run)
 
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
 MIN_POSITIVES = 20  # below this, FPR95 (the distance at which 95% of positives match) is not a measurement
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
 
 
 def load_model(spec: str) -> torch.nn.Module:
@@ -76,7 +73,7 @@ def _open_run(client, cfg: Config, name: str) -> str:
     return run_id
 
 
-def sync(storage: str | Path, tracking_uri: str | None = None, progress: Progress = _say) -> SyncResult:
+def sync(storage: str | Path, tracking_uri: str | None = None, progress: Progress = print_progress) -> SyncResult:
     """Send what runs under ``storage`` could not send to MLflow (their pending files); see
     ``pipeline.tracking.sync_pending``. Never raises for an unreachable server: files are kept."""
     result = sync_pending(str(storage), tracking_uri)
@@ -100,7 +97,7 @@ class TrainOutcome:
     pending: list[str] = field(default_factory=list)  # what MLflow could not take yet (patchflow sync sends it)
 
 
-def train(cfg: Config, *, hooks: TrainHooks | None = None, verbose: bool = False, progress: Progress = _say) -> TrainOutcome:
+def train(cfg: Config, *, hooks: TrainHooks | None = None, verbose: bool = False, progress: Progress = print_progress) -> TrainOutcome:
     """One training run. Re-running with the same ``run.name`` resumes the Ray Train run and logs
     into the same MLflow run. MLflow must answer at the start; after that an outage costs nothing:
     what could not be sent is in ``TrainOutcome.pending`` (``sync`` sends it). ``progress`` gets one
@@ -249,7 +246,7 @@ def sweep(
     resume_id: str | None = None,
     register: bool = True,
     verbose: bool = False,
-    progress: Progress = _say,
+    progress: Progress = print_progress,
 ) -> SweepReport:
     """One Tune run per architecture (``configs``, from ``load_sweep``), under one MLflow parent run;
     then each architecture's best trial (with the best PCA head of ``sweep.pca_dims``) is registered
@@ -550,7 +547,7 @@ def evaluate_on_images(
     max_keypoints: int = 2000,
     matching: bool = True,
     experiment: str | None = "patchflow-evaluation",
-    progress: Progress = _say,
+    progress: Progress = print_progress,
 ) -> Evaluation:
     """Each model (MLflow URI, checkpoint folder or baseline name), kornia's SIFT and OpenCV's
     baselines on real pairs of an image sequence (or a folder of them) cut by every construction of
