@@ -371,3 +371,49 @@ def test_duplicate_frames_dropped_as_the_greedy_definition_says():
         assert np.array_equal(_drop_duplicates(lafs), expected)
         if n >= 50:
             assert 0 < len(expected) < n
+
+
+@pytest.mark.parametrize("name", ["dog", "harris", "hessian"])
+def test_detection_in_two_stages_is_kornias_detector_and_shares_its_scale_space(name):
+    """``_detect`` runs kornia's ScaleSpaceDetector in two stages (the scale-space search memoised per
+    image, detector and radius; then the orientation) so that constructions of one image share the
+    search. Its frames are exactly what one ``ScaleSpaceDetector(..., ori_module=...)`` call gives,
+    upright and oriented, at both radii; and a second construction of the image skips the search."""
+    import kornia.feature as KF
+    from kornia.geometry.subpix import ConvQuadInterp3d
+    from kornia.geometry.transform import ScalePyramid
+
+    from pipeline.data.sequences import detection
+    from pipeline.data.sequences.frames import _to_tensor, frames_inside
+
+    def one_call(img, n, upright, mr_size):  # kornia's forward, as detection did it before the split
+        scale_space = name == "dog"
+        response = {"dog": KF.BlobDoG, "harris": lambda: KF.CornerHarris(0.04), "hessian": KF.BlobHessian}[name]()
+        detector = KF.ScaleSpaceDetector(
+            n, mr_size=mr_size, resp_module=response, subpix_module=ConvQuadInterp3d(),
+            scale_pyr_module=ScalePyramid(3, 1.6, 32, double_image=True, extra_levels=3 if scale_space else 2),
+            ori_module=KF.PassLAF() if upright else KF.LAFOrienter(19),
+            scale_space_response=scale_space, minima_are_also_good=scale_space)
+        with torch.no_grad():
+            lafs, resp = detector(_to_tensor(img))
+        lafs, resp = lafs[0].double().numpy(), resp[0].abs().double().numpy()
+        filled = np.abs(lafs).reshape(len(lafs), -1).sum(1) > 0
+        lafs = lafs[filled][np.argsort(-resp[filled], kind="stable")]
+        return lafs[frames_inside(lafs, img.shape)]
+
+    img = texture((H, W), seed=3)
+    detection._SCALE_SPACE_MEMO.clear()
+    searches = []  # new memo entries per call: 1 = a scale-space search ran
+    for mr_size in (6.0, 5.0):
+        for upright in (True, False):
+            before = len(detection._SCALE_SPACE_MEMO)
+            got = detection._detect(img, 300, name, upright, mr_size)
+            searches.append(len(detection._SCALE_SPACE_MEMO) - before)
+            expected = one_call(img, 300, upright, mr_size)
+            assert len(got) > 50 and np.array_equal(got, expected), (mr_size, upright)
+    assert searches == [1, 0, 1, 0]  # upright then oriented at one radius: one search
+    # the memo is keyed by the pixels, not the array object: a changed image is searched anew
+    other = img.copy()
+    other[0, 0] = 1.0 - other[0, 0]
+    detection._detect(other, 300, name, False, 6.0)
+    assert len(detection._SCALE_SPACE_MEMO) == 3

@@ -46,25 +46,59 @@ def detect_frames(img: np.ndarray, max_keypoints: int = 2000, detectors: str | S
 
 
 def _detect(img: np.ndarray, max_keypoints: int, name: str, upright: bool, mr_size: float) -> np.ndarray:
-    """One detector's frames, strongest first, those leaving the image removed."""
+    """One detector's frames, strongest first, those leaving the image removed: kornia's
+    ``ScaleSpaceDetector.forward`` in its two stages, the scale-space search (``_scale_space``,
+    memoised: every construction of one image with the same detector and radius shares it; a
+    varied mix cuts up to four) and the orientation (LAFOrienter, or none for upright frames)."""
     import kornia.feature as KF
+
+    responses, lafs, filled = _scale_space(img, max_keypoints, name, mr_size)
+    if not upright:
+        with torch.no_grad():
+            lafs = KF.LAFOrienter(19)(lafs, _to_tensor(img))
+    keep = filled[0].numpy()  # slots no detection filled (zero frames) are dropped
+    lafs, resp = lafs[0].double().numpy()[keep], responses[0].abs().double().numpy()[keep]
+    lafs = lafs[np.argsort(-resp, kind="stable")]
+    return lafs[frames_inside(lafs, img.shape)]
+
+
+# _scale_space's memo: a few images' worth (a varied mix generates one photograph's constructions in
+# turn; the evaluation of a sequence, its six images); entries are (n, 2, 3) frames, a few kB each.
+_SCALE_SPACE_MEMO: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_SCALE_SPACE_MEMO_SIZE = 64
+
+
+def _scale_space(img: np.ndarray, max_keypoints: int, name: str, mr_size: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(responses (1, n), upright frames (1, n, 2, 3), filled slots (1, n)) of ``ScaleSpaceDetector.detect``
+    plus its affine-shape stage (PassLAF), memoised by the image's bytes and the settings."""
+    import hashlib
+
+    import kornia.feature as KF
+    from kornia.feature.laf import laf_is_filled
     from kornia.geometry.subpix import ConvQuadInterp3d
     from kornia.geometry.transform import ScalePyramid
 
+    img = np.ascontiguousarray(img)
+    key = (hashlib.blake2b(img.view(np.uint8), digest_size=16).digest(), img.shape, img.dtype.str, max_keypoints,
+           name, float(mr_size))
+    if key in _SCALE_SPACE_MEMO:
+        return _SCALE_SPACE_MEMO[key]
     scale_space = name == "dog"  # DoG's response spans levels; it needs 3 extra pyramid levels, the others 2
     response = {"dog": KF.BlobDoG, "harris": lambda: KF.CornerHarris(0.04), "hessian": KF.BlobHessian}[name]()
     detector = KF.ScaleSpaceDetector(
         max_keypoints, mr_size=mr_size, resp_module=response, subpix_module=ConvQuadInterp3d(),
         scale_pyr_module=ScalePyramid(3, 1.6, 32, double_image=True, extra_levels=3 if scale_space else 2),
-        ori_module=KF.PassLAF() if upright else KF.LAFOrienter(19),
-        scale_space_response=scale_space, minima_are_also_good=scale_space)
+        ori_module=KF.PassLAF(), scale_space_response=scale_space, minima_are_also_good=scale_space)
     with torch.no_grad():
-        lafs, resp = detector(_to_tensor(img))
-    lafs, resp = lafs[0].double().numpy(), resp[0].abs().double().numpy()
-    filled = np.abs(lafs).reshape(len(lafs), -1).sum(1) > 0
-    lafs, resp = lafs[filled], resp[filled]
-    lafs = lafs[np.argsort(-resp, kind="stable")]
-    return lafs[frames_inside(lafs, img.shape)]
+        tensor = _to_tensor(img)
+        responses, lafs = detector.detect(tensor, max_keypoints)
+        lafs = detector.aff(lafs, tensor)
+    filled = laf_is_filled(lafs)
+    if len(_SCALE_SPACE_MEMO) >= _SCALE_SPACE_MEMO_SIZE:
+        _SCALE_SPACE_MEMO.pop(next(iter(_SCALE_SPACE_MEMO)))  # the oldest
+    _SCALE_SPACE_MEMO[key] = (responses, lafs, filled)
+    return responses, lafs, filled
 
 
 def _drop_duplicates(lafs: np.ndarray) -> np.ndarray:
