@@ -119,8 +119,9 @@ class _Worker:
         if self.step_plan is not None:
             self.batches_per_epoch = self.step_plan.batches_per_epoch
         self.first_batch_s = 0.0
-        # Rank 0's timing of the last epoch, for the re-plan at the next one's start: (time, steps) when
-        # its steady part started (the first batch, or the first plan), its end, and the step time.
+        # The last epoch's timing, for the re-plan at the next one's start: (time, steps) when its steady
+        # part started (the first batch, or the first plan), its end, and the step time. Every rank
+        # measures (a few time.time() calls); only rank 0's figures plan, and the plan is broadcast.
         self.steady_start: tuple[float, int] | None = None
         self.steps_ended_at: float | None = None
         self.measured_step_s: float | None = None

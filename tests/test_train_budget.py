@@ -120,7 +120,8 @@ def _run_with_replans(budget_s: float, epochs: int, step_s: float, eval_s: float
     rest (other load on the machine at that moment), re-planned at every later epoch's start from
     the previous epoch's measured step and epoch-end times as the trainer does, or not. Returns the
     plans, when the run ended and the lr scale before every step."""
-    clock, start, warmup, probe = FakeClock(), FakeClock().now, 3, 10
+    clock, warmup, probe = FakeClock(), 3, 10
+    start = clock.now
     clock.now += 9.0
     timer = StepTimer(warmup, probe, clock)
     timer.start()
