@@ -1,13 +1,15 @@
 """The architectures train in the real pipeline: Ray Train, 2 DDP workers, real shards.
 
-One run per pipeline path, not per architecture: what the trainer does differently between models is
-the model kind (embedding or pair classifier), where PCA comes from (none, the model's own buffers,
-or a head the pipeline attaches) and whether the loss takes pairs with negatives made for it
-(``PAIR_LOSSES``) or a batch of matching pairs. The first registered architecture of each combination
-stands for it; the registry drives the choice, so a model with a new combination is covered by
-registering it. What differs inside a model (every parameter reached by its own loss's gradient, a
-few steps lowering it, shapes) is tested for every architecture in-process (tests/test_models.py):
-each Ray Train fit costs ~28 CPU-s of process start-ups, and 7 fits were a tenth of the suite."""
+One run per pipeline path, not per architecture. What the trainer does differently between models
+under DDP is the model kind (embedding, or pair classifier with its own head and loss wiring) and where
+PCA comes from (none, the model's own buffers, or a head the pipeline attaches). The first registered
+architecture of each combination stands for it; the registry drives the choice, so a model with a new
+combination is covered by registering it. Each rank computes its loss on its own batch as one process
+does, so the losses are tested apart (tests/test_losses.py; the contrastive pair loss through the
+pipeline in tests/test_digits.py), and what differs inside a model (every parameter reached by its own
+loss's gradient, a few steps lowering it, shapes) is tested for every architecture in-process
+(tests/test_models.py): each Ray Train fit costs ~28 CPU-s of process start-ups, and 7 fits were a
+tenth of the suite."""
 
 from __future__ import annotations
 
@@ -20,14 +22,13 @@ from helpers import checkpoint_fpr95, small_config
 from pipeline.checkpoint import model_from_checkpoint
 from pipeline.evaluate import METRIC
 from pipeline.hooks import DumpParams
-from pipeline.losses import PAIR_LOSSES
 from pipeline.models import create_model, list_models, model_info
 from pipeline.train import build_trainer
 
 
-def pipeline_path(name: str) -> tuple[str, str, bool]:
+def pipeline_path(name: str) -> tuple[str, str]:
     info = model_info(name)
-    return info.kind, info.pca, info.default_loss in PAIR_LOSSES
+    return info.kind, info.pca
 
 
 TRAINABLE = [name for name in list_models() if model_info(name).trainable]
