@@ -17,9 +17,11 @@ $(BIN)/patchflow: pyproject.toml
 
 install: $(BIN)/patchflow
 
+# The demo's shards: the "dog" preset (pipeline.data.synthetic.NAMED_MIXES): DoG frames upright, oriented
+# and rotated, detector-like and HPatches-hard jitter, one scale-space search per photograph.
 demo: install
 	@start=$$(date +%s); \
-	$(BIN)/patchflow shards synthetic --out shards --train-pairs 120000 && \
+	$(BIN)/patchflow shards synthetic --out shards --train-pairs 120000 --train-mix dog --eval-mix dog && \
 	$(BIN)/patchflow sweep --config configs/sweeps/demo.yaml && \
 	echo "[patchflow] demo wall time: $$(( $$(date +%s) - start )) s; browse runs with: make mlflow-ui"
 

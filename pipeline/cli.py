@@ -23,8 +23,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 MIX_HELP = ("share the split's pairs among pair constructions, e.g. dog-oriented=2,harris-upright=1,"
             "hessian-rotated-hard=1 (names: <dog|harris|hessian>-<upright|oriented|rotated>[-easy|-hard|-tough|-detected], "
-            "hpatches-easy|hard|tough), or 'varied' (make reference's preset: pipeline.data.synthetic.NAMED_MIXES); "
-            "default: all dog-oriented")
+            "hpatches-easy|hard|tough), or a preset (pipeline.data.synthetic.NAMED_MIXES): 'dog' (make demo's) or "
+            "'varied' (make reference's); default: all dog-oriented")
 CONSTRUCTION_HELP = ("how pairs are cut (pipeline.data.sequences.CONSTRUCTIONS): dog-oriented, dog-upright, harris-upright, "
                      "hessian-upright, hpatches-easy|hard|tough, or <detector>-<orientation>[-<jitter>] (jitter easy|hard|tough, "
                      "or detected: image k's frame is the detector's own re-detection there)")

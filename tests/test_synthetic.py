@@ -3,6 +3,7 @@ against the homography, and that positives show the same point."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from scipy import ndimage
 from helpers import FEW_IMAGES
 
 import pipeline.data.synthetic as synmod
+from pipeline.data.sequences import get_construction
 from pipeline.data.shards import load_manifest, read_blocks, shard_paths, verify_shards
 from pipeline.data.synthetic import generate_synthetic, random_homography, render_view, source_images, source_path
 
@@ -166,12 +168,16 @@ def test_mix_counts_share_in_proportion() -> None:
 def test_parse_mix_and_bad_mixes(tmp_path: Path) -> None:
     assert synmod.parse_mix("dog-oriented=2, harris-upright,hessian-rotated-hard=0.5") == {
         "dog-oriented": 2.0, "harris-upright": 1.0, "hessian-rotated-hard": 0.5}
-    for split in ("train", "eval"):  # the named preset: its split's mix, every name a valid construction
-        varied = synmod.parse_mix("varied", split)
-        assert varied == synmod.NAMED_MIXES["varied"][split] and len(varied) >= 5
-        synmod._check_mix(varied, split)
-    # the eval preset measures variety the train preset never cuts
-    assert set(synmod.NAMED_MIXES["varied"]["eval"]) - set(synmod.NAMED_MIXES["varied"]["train"])
+    for name, split in itertools.product(("varied", "dog"), ("train", "eval")):  # a preset: its split's mix
+        mix = synmod.parse_mix(name, split)
+        assert mix == synmod.NAMED_MIXES[name][split] and len(mix) >= 4
+        synmod._check_mix(mix, split)  # every name a valid construction
+    for name in ("varied", "dog"):  # each eval preset measures variety its train preset never cuts
+        assert set(synmod.NAMED_MIXES[name]["eval"]) - set(synmod.NAMED_MIXES[name]["train"])
+    # the demo's preset: one detector at one radius, so a photograph's constructions share one search
+    dog = [get_construction(c) for split in ("train", "eval") for c in synmod.NAMED_MIXES["dog"][split]]
+    assert {(c.detectors, c.mr_size) for c in dog} == {(("dog",), None)}
+    assert {c.orientation for c in dog} == {"upright", "oriented", "rotated"}
     with pytest.raises(ValueError, match="weight of 'dog-oriented' must be a number"):
         synmod.parse_mix("dog-oriented=lots")
     with pytest.raises(ValueError, match="unknown pair construction 'sift-upright'"):
