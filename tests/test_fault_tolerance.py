@@ -60,4 +60,3 @@ def test_worker_failure_resumes_and_matches_an_uninterrupted_run(ray_cluster, sy
         # ...while each rank really saw its own data: BatchNorm running stats are per-rank statistics
         assert not torch.equal(r0["features.1.running_mean"], r1["features.1.running_mean"])
     assert all(torch.equal(final["model"][k], r0[k]) for k in weights)  # the checkpoint holds the synchronised weights
-

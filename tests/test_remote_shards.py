@@ -120,5 +120,3 @@ def test_manifest_with_a_crafted_shard_name_is_refused(synthetic_shards, tmp_pat
             load_manifest(url)
         server.shutdown()
     assert not (tmp_path / "FILE").exists() and not Path("FILE").exists()
-
-
