@@ -32,7 +32,9 @@ def pipeline_path(name: str) -> tuple[str, str]:
 
 
 TRAINABLE = [name for name in list_models() if model_info(name).trainable]
-PATHS = {path: name for name in reversed(TRAINABLE) for path in [pipeline_path(name)]}  # the first of each
+PATHS: dict[tuple[str, str], str] = {}
+for _name in TRAINABLE:
+    PATHS.setdefault(pipeline_path(_name), _name)  # the first registered architecture of each path
 # one PCA head of each arrangement: the model's own buffers (HardNet8), and one the pipeline attaches
 PCA_HEADS = {next(name for name in PATHS.values() if model_info(name).pca == pca) for pca in ("own", "attach")}
 
