@@ -3,15 +3,12 @@ clearly where it cannot — never a hang, and nothing on disk is changed."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import logging
 import shutil
 import tarfile
-import threading
 
 import numpy as np
 import pytest
@@ -110,17 +107,13 @@ def test_training_over_http_reports_skipped_samples(ray_cluster, damaged, tmp_pa
     the remote-shards training test lives here; each Ray Train fit costs ~28 CPU-s of start-ups.)"""
     from mlflow.tracking import MlflowClient
 
-    from helpers import small_config
+    from helpers import serve_folder, small_config
     from pipeline.evaluate import METRIC
     from pipeline.tracking import get_or_create_experiment
     from pipeline.train import build_trainer
 
     shard_dir, train = damaged
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shard_dir))
-    handler.log_message = lambda *a, **k: None
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with serve_folder(shard_dir) as url:
         cfg = small_config(url, tmp_path, tracking_uri, train={"epochs": 1, "batches_per_epoch": 30},
                            scaling={"num_workers": 1})
         client = MlflowClient(tracking_uri)
@@ -129,7 +122,6 @@ def test_training_over_http_reports_skipped_samples(ray_cluster, damaged, tmp_pa
         assert urls["train"][:4] == [f"{url}/{p.name}" for p in train[:4]]
         urls["train"] = urls["train"][:4]  # a full pass over 2 damaged + 2 good shards
         result = build_trainer(cfg, name="skips", tracking_uri=tracking_uri, mlflow_run_id=run_id, shard_urls=urls).fit()
-        server.shutdown()
     assert result.metrics["data/skipped_samples"] >= 1 and 0 <= result.metrics[METRIC] <= 1
     history = client.get_metric_history(run_id, "data/skipped_samples")
     assert history and history[0].value == result.metrics["data/skipped_samples"]

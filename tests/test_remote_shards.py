@@ -3,20 +3,17 @@ shard URLs: tests/test_bad_data.py, on damaged shards served the same way.)"""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import importlib.util
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import small_config
+from helpers import serve_folder, small_config
 from pipeline.data.shards import ShardError, load_manifest, open_shard, shard_paths
 from pipeline.data.stream import StreamError, TrainStream, load_pairs
 from pipeline.train import preflight
@@ -24,13 +21,8 @@ from pipeline.train import preflight
 
 @pytest.fixture(scope="module")
 def http_shards(synthetic_shards):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(synthetic_shards))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_folder(synthetic_shards) as url:
+        yield url
 
 
 def test_manifest_paths_and_checksums_over_http(http_shards, synthetic_shards, tmp_path):
@@ -111,12 +103,7 @@ def test_manifest_with_a_crafted_shard_name_is_refused(synthetic_shards, tmp_pat
     for call in (load_manifest, lambda d: shard_paths(d, "train"), lambda d: preflight(small_config(d, tmp_path, "sqlite:///x.db"))):
         with pytest.raises(ShardError, match=expected):
             call(shard_dir)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shard_dir))
-    handler.log_message = lambda *a, **k: None
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with serve_folder(shard_dir) as url:
         with pytest.raises(ShardError, match=rf"{url}/manifest.json: split 'eval' shard 1 has name"):
             load_manifest(url)
-        server.shutdown()
     assert not (tmp_path / "FILE").exists() and not Path("FILE").exists()
