@@ -229,9 +229,11 @@ def test_sift_matching_on_graf_is_sane_and_quality_checks_it(graf_matching, monk
     Mikolajczyk et al. 2005 (fig. 9a: SIFT's matching score on graf falls from ~0.6 at 20 degrees to
     ~0 at 60): its mean MMA at 3 px lies well inside (0, 1), and image 2 beats image 6."""
     mma3 = graf_matching.mma(SIFT_NAME)[2]
-    assert 0.15 <= mma3 <= 0.7, mma3
+    assert 0.25 <= mma3 <= 0.55, mma3  # 0.375 at 300 keypoints, 0.39 at 2000 (2026-12)
     per_target = {p.target: p.accuracy([3.0])[0] for p in graf_matching.pairs[SIFT_NAME]}
-    assert per_target[2] > 0.5 > per_target[6], per_target
+    assert per_target[2] > 0.7 and per_target[6] < 0.2, per_target
+    accuracy = [per_target[k] for k in sorted(per_target)]
+    assert all(a >= b for a, b in zip(accuracy, accuracy[1:])), per_target  # falls with the angle
     assert graf_matching.homography_accuracy(SIFT_NAME)[10] >= 0.2  # at least img2's homography recovered
 
     spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
