@@ -36,6 +36,7 @@ SCRIPT = textwrap.dedent('''
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     cfg = Config.model_validate({
         "data": {"shards": shards, "eval_pairs": 128, "shuffle_buffer": 0},
+        "model": {"arch": "tfeat"},  # the smallest tower: this test is about which shards each rank reads
         "train": {"epochs": 1, "batch_size": 32, "batches_per_epoch": 64},
         "scaling": {"num_workers": 2},
         "run": {"storage_path": str(tmp / "shared-runs")},
