@@ -66,6 +66,48 @@ def synthetic_shards(tmp_path_factory):
     return out
 
 
+# Tracking that fails never fails training: the shared fits log to a port where nothing listens (the
+# discard port; the workers fail at once, see ray_cluster's MLFLOW_HTTP_REQUEST_MAX_RETRIES).
+DEAD_TRACKING_URI = "http://127.0.0.1:9"
+
+
+@pytest.fixture(scope="session")
+def ddp_fit(ray_cluster, synthetic_shards, tmp_path_factory):
+    """``ddp_fit(arch)``: one 2-worker Ray Train fit of ``arch`` on the session shards, made on first use
+    and shared (each fit costs ~28 CPU-s of process start-ups). tests/test_architectures_ray.py checks
+    every pipeline path on it; hardnet's is also tests/test_fault_tolerance.py's uninterrupted reference,
+    so the config is that test's too (2 epochs of 3 steps, one restart allowed, MC-Loss on). Returns
+    (config, result, folder of DumpParams' per-rank weights)."""
+    from types import SimpleNamespace
+
+    from helpers import small_config
+    from pipeline.hooks import DumpParams
+    from pipeline.models import model_info
+    from pipeline.train import build_trainer
+
+    fits = {}
+
+    def fit(arch: str) -> SimpleNamespace:
+        if arch not in fits:
+            tmp = tmp_path_factory.mktemp(f"ddp-{arch}")
+            cfg = small_config(
+                synthetic_shards, tmp, DEAD_TRACKING_URI,
+                model={"arch": arch, **({"pca_dim": 32} if model_info(arch).pca != "none" else {})},
+                loss={"mc_mu": 0.1 if arch == "hardnet" else 0.0, "mc_xi": 4},  # one run covers the MC-Loss term
+                data={"eval_pairs": 256},
+                train={"epochs": 2, "batches_per_epoch": 3, "batch_size": 16, "lr": 0.01},
+                run={"max_failures": 1},
+            )
+            dump = tmp / "params"
+            dump.mkdir()
+            result = build_trainer(cfg, name=f"ddp-{arch}", tracking_uri=DEAD_TRACKING_URI, mlflow_run_id="0" * 32,
+                                   hooks=DumpParams(str(dump))).fit()
+            fits[arch] = SimpleNamespace(cfg=cfg, result=result, dump=dump)
+        return fits[arch]
+
+    return fit
+
+
 @pytest.fixture(scope="session")
 def _empty_tracking_db(tmp_path_factory):
     """An MLflow SQLite store with its tables made once: creating them runs MLflow's ~50 schema

@@ -9,7 +9,9 @@ does, so the losses are tested apart (tests/test_losses.py; the contrastive pair
 pipeline in tests/test_digits.py), and what differs inside a model (every parameter reached by its own
 loss's gradient, a few steps lowering it, shapes) is tested for every architecture in-process
 (tests/test_models.py): each Ray Train fit costs ~28 CPU-s of process start-ups, and the 7 fits took
-367 s, a third of the session-cluster tests' time, in a 1130 s suite on a 2-vCPU EPYC."""
+367 s, a third of the session-cluster tests' time, in a 1130 s suite on a 2-vCPU EPYC. The fits are
+conftest's ``ddp_fit``: HardNet's is also tests/test_fault_tolerance.py's uninterrupted reference, and
+each logs to a dead tracking port (tracking that fails never fails training)."""
 
 from __future__ import annotations
 
@@ -18,12 +20,10 @@ import math
 import pytest
 import torch
 
-from helpers import checkpoint_fpr95, small_config
+from helpers import checkpoint_fpr95
 from pipeline.checkpoint import model_from_checkpoint
 from pipeline.evaluate import METRIC
-from pipeline.hooks import DumpParams
 from pipeline.models import create_model, list_models, model_info
-from pipeline.train import build_trainer
 
 
 def pipeline_path(name: str) -> tuple[str, str]:
@@ -35,30 +35,20 @@ TRAINABLE = [name for name in list_models() if model_info(name).trainable]
 PATHS: dict[tuple[str, str], str] = {}
 for _name in TRAINABLE:
     PATHS.setdefault(pipeline_path(_name), _name)  # the first registered architecture of each path
-# one PCA head of each arrangement: the model's own buffers (HardNet8), and one the pipeline attaches
-PCA_HEADS = {next(name for name in PATHS.values() if model_info(name).pca == pca) for pca in ("own", "attach")}
 
 
 @pytest.mark.parametrize("arch", sorted(PATHS.values()))
-def test_architecture_trains_with_two_ddp_workers(arch, ray_cluster, synthetic_shards, tmp_path, tracking_uri):
-    cfg = small_config(
-        synthetic_shards, tmp_path, tracking_uri,
-        model={"arch": arch, **({"pca_dim": 32} if arch in PCA_HEADS else {})},
-        loss={"mc_mu": 0.1 if arch == "hardnet" else 0.0, "mc_xi": 4},  # one run covers the MC-Loss term
-        data={"eval_pairs": 256},
-        train={"epochs": 1, "batches_per_epoch": 3, "batch_size": 16, "lr": 0.01},
-    )
-    dump = tmp_path / "params"
-    dump.mkdir()
-    result = build_trainer(cfg, name=f"arch-{arch}", tracking_uri=tracking_uri, mlflow_run_id=None,
-                           hooks=DumpParams(str(dump))).fit()
-    assert math.isfinite(result.metrics["train_loss"])
+def test_architecture_trains_with_two_ddp_workers(arch, ddp_fit):
+    run = ddp_fit(arch)  # tests/conftest.py: 2 epochs of 3 steps of 16 pairs a rank, tracking to a dead port
+    cfg, result = run.cfg, run.result
+    pca_head = model_info(arch).pca != "none"  # the fit gives it a 32-dim PCA head (its own or one attached)
+    assert math.isfinite(result.metrics["train_loss"]) and result.metrics["epoch"] == 2
     # the reported figure is the checkpoint's model's (its PCA head included), recomputed apart
     assert result.metrics[METRIC] == checkpoint_fpr95(result.checkpoint.path, cfg)
-    r0, r1 = (torch.load(dump / f"rank{r}-epoch0.pt") for r in (0, 1))
+    r0, r1 = (torch.load(run.dump / f"rank{r}-epoch0.pt") for r in (0, 1))
     params = {name for name, _ in create_model(arch, **cfg.model.factory_kwargs()).named_parameters()}
     assert params and all(torch.equal(r0[k], r1[k]) for k in params), "DDP let the ranks' weights diverge"
     model, _ = model_from_checkpoint(result.checkpoint.path)
-    assert model.descriptor_dim == (32 if arch in PCA_HEADS else create_model(arch).descriptor_dim)
+    assert model.descriptor_dim == (32 if pca_head else create_model(arch).descriptor_dim)
     x = torch.rand(4, 1, model.input_size, model.input_size)
     assert model(x).shape == (4, model.descriptor_dim)

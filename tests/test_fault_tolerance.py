@@ -2,15 +2,15 @@
 same step and data position, logging into the same MLflow run, and ends where an uninterrupted run
 ends. Tracking that fails never fails training. On the way, what any 2-rank DDP run must show: equal
 weights on both ranks at every epoch's end, each rank's own BatchNorm statistics, and an epoch that
-the MLflow run already holds is not logged again (one test: each Ray Train fit costs ~28 CPU-s of
-process start-ups)."""
+the MLflow run already holds is not logged again. One test, and its uninterrupted run is shared with
+tests/test_architectures_ray.py: each Ray Train fit costs ~28 CPU-s of process start-ups."""
 
 from __future__ import annotations
 
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import checkpoint_fpr95, small_config, untrained_state
+from helpers import checkpoint_fpr95, untrained_state
 from pipeline.checkpoint import load_state
 from pipeline.evaluate import METRIC
 from pipeline.hooks import DumpParams, FailOnce, HookList
@@ -18,17 +18,16 @@ from pipeline.tracking import get_or_create_experiment
 from pipeline.train import build_trainer
 
 
-def test_worker_failure_resumes_and_matches_an_uninterrupted_run(ray_cluster, synthetic_shards, tmp_path, tracking_uri):
-    cfg = small_config(synthetic_shards, tmp_path, tracking_uri, train={"epochs": 2, "batches_per_epoch": 4},
-                       run={"max_failures": 1})
+def test_worker_failure_resumes_and_matches_an_uninterrupted_run(ddp_fit, tmp_path, tracking_uri):
+    # the uninterrupted reference is the 2-worker HardNet fit tests/test_architectures_ray.py checks too
+    # (tests/conftest.py ddp_fit: 2 epochs of 3 steps, MC-Loss on, logged to a dead tracking port, which
+    # also shows that tracking which fails never fails training)
+    reference = ddp_fit("hardnet")
+    cfg = reference.cfg
+    assert reference.result.metrics["epoch"] == 2 and load_state(reference.result.checkpoint.path)["step"] == 6
+    assert reference.result.metrics[METRIC] == checkpoint_fpr95(reference.result.checkpoint.path, cfg)
     client = MlflowClient(tracking_uri)
     experiment = get_or_create_experiment(client, "test")
-    # The uninterrupted reference also shows that tracking which fails never fails training: it logs
-    # to a port where nothing listens (one Ray Train run fewer than a test of its own).
-    dead = "http://127.0.0.1:9"  # discard port; the workers fail at once (tests/conftest.py)
-    reference = build_trainer(cfg, name="uninterrupted", tracking_uri=dead, mlflow_run_id="0" * 32).fit()
-    assert reference.metrics["epoch"] == 2 and load_state(reference.checkpoint.path)["step"] == 8
-    assert reference.metrics[METRIC] == checkpoint_fpr95(reference.checkpoint.path, cfg)
 
     run_id = client.create_run(experiment).info.run_id
     # As when a killed driver's attempt logged epoch 1 before Ray recorded its checkpoint: this run starts
@@ -36,19 +35,19 @@ def test_worker_failure_resumes_and_matches_an_uninterrupted_run(ray_cluster, sy
     client.log_metric(run_id, METRIC, 2.0, step=1)
     marker, dump = tmp_path / "failed-once", tmp_path / "params"
     dump.mkdir()
-    # rank 1 dies in epoch 2 (steps 4..7), after epoch 1's checkpoint was reported
-    hooks = HookList([FailOnce(rank=1, step=6, marker=str(marker)), DumpParams(str(dump))])
+    # rank 1 dies in epoch 2 (steps 3..5), after epoch 1's checkpoint was reported
+    hooks = HookList([FailOnce(rank=1, step=4, marker=str(marker)), DumpParams(str(dump))])
     result = build_trainer(cfg, name="interrupted", tracking_uri=tracking_uri, mlflow_run_id=run_id, hooks=hooks).fit()
 
-    assert marker.read_text() == "failed at epoch 1 step 6"
-    final, expected = load_state(result.checkpoint.path), load_state(reference.checkpoint.path)
-    assert final["step"] == expected["step"] == 8 and final["mlflow_run_id"] == run_id
+    assert marker.read_text() == "failed at epoch 1 step 4"
+    final, expected = load_state(result.checkpoint.path), load_state(reference.result.checkpoint.path)
+    assert final["step"] == expected["step"] == 6 and final["mlflow_run_id"] == run_id
     for key, value in expected["model"].items():
         torch.testing.assert_close(final["model"][key], value, rtol=0, atol=1e-6, msg=f"{key} differs after restart")
     history = sorted(client.get_metric_history(run_id, METRIC), key=lambda m: m.step)
     # the failed epoch was not logged twice, nor epoch 1, which the run held before it started
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, result.metrics[METRIC])]
-    assert result.metrics[METRIC] == reference.metrics[METRIC]
+    assert result.metrics[METRIC] == reference.result.metrics[METRIC]
 
     initial = untrained_state(cfg)
     for epoch in range(2):  # epoch 1 (0-based) as the restarted attempt trained it
