@@ -129,11 +129,12 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def cmd_train(args) -> int:
+    cfg = _load(args)  # a config error ends here, before the MLflow and Ray imports (~2 s)
     from pipeline.evaluate import METRIC
     from pipeline.workflow import train
 
     _quiet_libraries(args.verbose)
-    out = train(_load(args), verbose=args.verbose)
+    out = train(cfg, verbose=args.verbose)
     print(f"[patchflow] run {out.name}: {METRIC}={out.metrics.get(METRIC):.4f} after {out.metrics.get('epoch')} epoch(s)")
     print(f"[patchflow] checkpoint: {out.checkpoint_path}; MLflow run {out.mlflow_run_id} at {out.tracking_uri}")
     if out.pending:
@@ -144,10 +145,11 @@ def cmd_train(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pipeline.config import load_sweep, parse_overrides
-    from pipeline.workflow import sweep
+
+    configs = None if args.resume or args.config is None else load_sweep(args.config, parse_overrides(args.set or []))
+    from pipeline.workflow import sweep  # after the config's checks, as in cmd_train
 
     _quiet_libraries(args.verbose)
-    configs = None if args.resume or args.config is None else load_sweep(args.config, parse_overrides(args.set or []))
     report = sweep(configs, resume_id=args.resume, register=not args.no_register, verbose=args.verbose)
     print("\n" + report.leaderboard)
     print(f"\n(on {report.eval_pairs} eval pairs; sweep {report.sweep_id}; MLflow {report.tracking_uri}, "
@@ -298,21 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError
-    from pipeline.data.shards import ShardError
-    from pipeline.data.stream import StreamError
-    from pipeline.registry import RegistryError
+# The errors that mean "the input is wrong" (exit 2), by module: looked up only in modules the command
+# imported, since an error cannot come from one it did not (importing them all up front cost every
+# command ~2 s of MLflow and torch imports, --help included).
+INPUT_ERRORS = (("pipeline.config", "ConfigError"), ("pipeline.data.shards", "ShardError"),
+                ("pipeline.data.stream", "StreamError"), ("pipeline.checkpoint", "CheckpointError"),
+                ("pipeline.registry", "RegistryError"))
 
+
+def _is_input_error(e: BaseException) -> bool:
+    return any(isinstance(e, cls) for module, name in INPUT_ERRORS
+               if (cls := getattr(sys.modules.get(module), name, None)) is not None)
+
+
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ShardError, StreamError, CheckpointError, RegistryError) as e:  # the input is wrong
-        print(f"patchflow: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a runtime failure: one line, the traceback on request
+    except Exception as e:
+        if _is_input_error(e):  # the input is wrong
+            print(f"patchflow: error: {e}", file=sys.stderr)
+            return 2
+        # a runtime failure: one line, the traceback on request
         if os.environ.get("PATCHFLOW_DEBUG"):
             raise
         print(f"patchflow: error: {_runtime_message(e)} (PATCHFLOW_DEBUG=1 shows the traceback)", file=sys.stderr)
