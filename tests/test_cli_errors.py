@@ -1,6 +1,6 @@
 """Every bad input a user met ends in one line naming the input and what was expected, never a
 traceback: exit 2 for usage, config and data errors, 1 for runtime failures (issue 15 #6). One table;
-each case runs the real `patchflow` command in a process of its own (the real exit code)."""
+each case runs the real `patchflow` command in a process of its own (a fresh Ray, the real exit code)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ CASES = [
      "not a training checkpoint folder"),
     ("train-mlflow-unreachable", lambda d, s: train_args(s, "mlflow.tracking_uri=http://127.0.0.1:9"),
      {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, 1, "MLflow at http://127.0.0.1:9: cannot open the run"),
+    # the trainer cannot be built (Ray knows no such storage): the MLflow run it opened must end FAILED
+    ("trainer-fails-to-build", lambda d, s: train_args(s, "run.name=no-trainer", "run.storage_path=nosuch://bucket/runs"),
+     {"RAY_ADDRESS": "local"}, 1, "ActorDiedError"),  # Ray words it: its controller could not start
 ]
 
 
@@ -90,17 +93,17 @@ def test_bad_input_ends_in_one_line(world, argv, env, code, expected):
     assert expected in (message[0] if code == 1 or not message[0].endswith("invalid configuration") else "\n".join(message)), message
 
 
-def test_a_trainer_that_fails_to_build_ends_in_one_line_and_its_run_failed(world, ray_cluster):
-    """Ray knows no such storage, so the trainer cannot be built: one line (Ray words it: its controller
-    could not start), exit 1, and the MLflow run the command opened ends FAILED, not RUNNING. It joins
-    the session cluster: a Ray of its own cost ~20 CPU-s to start."""
+def test_a_run_whose_trainer_never_started_ends_failed(world):
+    """The table's trainer-fails-to-build case left its MLflow run FAILED, not RUNNING."""
     d, shards = world
-    proc = run_case(d, shards, lambda d, s: train_args(s, "run.name=no-trainer", "run.storage_path=nosuch://bucket/runs"),
-                    {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("patchflow: error:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "ActorDiedError" in errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
-    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                               filter_string="tags.`patchflow.run_name` = 'no-trainer'")
+
+    def runs():
+        return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.`patchflow.run_name` = 'no-trainer'")
+
+    if not runs():  # selected alone (-k): the table's case has not run in this module yet
+        _, argv, env, code, _ = next(c for c in CASES if c[0] == "trainer-fails-to-build")
+        assert run_case(d, shards, argv, env).returncode == code
+    found = runs()
     assert [r.info.status for r in found] == ["FAILED"] and METRIC not in found[0].data.metrics
