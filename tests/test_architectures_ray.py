@@ -41,7 +41,6 @@ for _name in TRAINABLE:
 def test_architecture_trains_with_two_ddp_workers(arch, ddp_fit):
     run = ddp_fit(arch)  # tests/conftest.py: 3 steps of 16 pairs a rank per epoch, tracking to a dead port
     cfg, result = run.cfg, run.result
-    pca_head = model_info(arch).pca != "none"  # the fit gives it a 32-dim PCA head (its own or one attached)
     assert math.isfinite(result.metrics["train_loss"]) and result.metrics["epoch"] == cfg.train.epochs
     # the reported figure is the checkpoint's model's (its PCA head included), recomputed apart
     assert result.metrics[METRIC] == checkpoint_fpr95(result.checkpoint.path, cfg)
@@ -49,6 +48,7 @@ def test_architecture_trains_with_two_ddp_workers(arch, ddp_fit):
     params = {name for name, _ in create_model(arch, **cfg.model.factory_kwargs()).named_parameters()}
     assert params and all(torch.equal(r0[k], r1[k]) for k in params), "DDP let the ranks' weights diverge"
     model, _ = model_from_checkpoint(result.checkpoint.path)
-    assert model.descriptor_dim == (32 if pca_head else create_model(arch).descriptor_dim)
+    # with a PCA head (its own or one attached) the checkpoint's model gives the configured size
+    assert model.descriptor_dim == (cfg.model.pca_dim or create_model(arch).descriptor_dim)
     x = torch.rand(4, 1, model.input_size, model.input_size)
     assert model(x).shape == (4, model.descriptor_dim)
