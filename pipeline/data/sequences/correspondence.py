@@ -70,7 +70,8 @@ def _correspondences(seq: ImageSequence, targets: Sequence[int] | None, patch_si
 
 def correspondences(name: str, img1: np.ndarray, images: dict[int, np.ndarray], homs: dict[int, np.ndarray],
                     patch_size: int, max_keypoints: int, source: object = None, plane_check: bool = True,
-                    redetect: bool = False, construction: str | Construction = DEFAULT) -> Correspondences:
+                    redetect: bool = False, construction: str | Construction = DEFAULT,
+                    min_patch_std: float = 0.0) -> Correspondences:
     """Keypoints detected in ``img1`` and their frames in each image k of ``images`` (``homs[k]``
     maps image 1 to image k): the one code path behind real and synthetic sequence pairs, for every
     ``construction`` (a name of ``CONSTRUCTIONS``: detector, orientation, image-k frame, jitter).
@@ -79,11 +80,21 @@ def correspondences(name: str, img1: np.ndarray, images: dict[int, np.ndarray], 
     everywhere, skip it. ``redetect``: also require the detector to find the point again in image k
     (PhotoTour's criterion, ``redetected``). A ``detected`` construction's image-k frame is image k's
     own detection that best repeats the carried frame (``best_redetection``); points without one, or
-    whose detection lacks the room ``room()`` asks for inside image k, are no positives there."""
+    whose detection lacks the room ``room()`` asks for inside image k, are no positives there.
+    ``min_patch_std``: a contrast threshold, as detectors have (OpenCV SIFT's on the DoG value; kornia's
+    ScaleSpaceDetector has none): keypoints whose image-1 patch has an intensity std (in [0, 1]) below
+    it are dropped, since a nearly flat patch is sensor noise and quantisation, not a point to match."""
     how = get_construction(construction)
     lafs1 = how.detect(img1, max_keypoints)
     if len(lafs1) == 0:
         raise SourceError(f"{source or name}: no keypoints detected")
+    patches1 = extract(_to_tensor(img1), lafs1, patch_size)
+    if min_patch_std > 0:
+        contrasted = (patches1.reshape(len(patches1), -1) / 255.0).std(1) >= min_patch_std
+        lafs1, patches1 = lafs1[contrasted], patches1[contrasted]
+        if len(lafs1) == 0:
+            raise SourceError(f"{source or name}: no keypoint's patch has an intensity std of at least "
+                              f"{min_patch_std:g} (of full scale 1): the image is flat")
     grow, margin = how.room()
     tensors, lafs, valid = {}, {}, {}
     inside = off_plane = 0
@@ -107,5 +118,4 @@ def correspondences(name: str, img1: np.ndarray, images: dict[int, np.ndarray], 
     if plane_check:  # a large share means a sequence with much off the plane, or a wrong H file
         logger.info("%s: %d of %d (point, image) correspondences left out where the homography does not hold",
                     name, off_plane, inside)
-    patches1 = extract(_to_tensor(img1), lafs1, patch_size)
     return Correspondences(name, lafs1, patches1, list(images), tensors, lafs, valid, how)
