@@ -33,7 +33,7 @@ quality: install
 
 # Issue 17's table: every trainable architecture trained through the pipeline on the same synthetic
 # shards with the same number of pairs (98,304 = 768 steps of 128 each, every pair distinct), FPR95 on
-# the synthetic eval split and on graf with SIFT (about an hour on 2 idle cores); benchmarks/README.md
+# the synthetic eval split and on graf with SIFT (53-94 min measured on 2-core VMs); benchmarks/README.md
 # has the figures. ZOO_ARGS shrinks it on a busy machine, e.g.
 # make zoo ZOO_ARGS="--pairs 1024 --batch-size 128 --graf-pairs 2000".
 ZOO_SHARDS ?= shards-zoo
