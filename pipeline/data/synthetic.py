@@ -14,9 +14,9 @@ Pairs come from the very code that builds real pairs from such sequences
 (``sequences.correspondences``): DoG keypoints detected in image 1 with their LAFOrienter
 orientation, each frame carried into image k by the local affine approximation of H, detector-like
 jitter, patches from the scale pyramid; keypoints whose image-1 patch is nearly flat (intensity std
-below ``min_patch_std``, a contrast threshold as detectors have) are dropped. So the synthetic patches have the statistics of real
-detector patches (blob centres, 12-sigma support, detector noise) and differ from real pairs only
-in what the homography cannot model. Train and eval use disjoint photographs.
+below ``min_patch_std``, a contrast threshold as detectors have) are dropped. So the synthetic
+patches have the statistics of real detector patches (blob centres, 12-sigma support, detector
+noise) and differ from real pairs only in what the homography cannot model. Train and eval use disjoint photographs.
 
 Train pairs are all positive (hardest-in-batch mining takes every other pair of a batch as a
 negative) and ordered in rounds: a round visits every usable keypoint of every training
