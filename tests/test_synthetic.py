@@ -144,6 +144,16 @@ def test_flat_keypoints_are_dropped(monkeypatch, seed0) -> None:
         assert first.std(1).min() >= threshold, split
 
 
+def test_an_image_with_only_flat_keypoints_is_one_clear_error() -> None:
+    from pipeline.data.sequences import correspondences
+    from pipeline.data.shards import SourceError
+
+    faint = 0.5 + 0.004 * np.random.default_rng(0).standard_normal((128, 128))  # DoG finds extrema, all flat
+    with pytest.raises(SourceError, match=r"faint\.png: no keypoint's patch has an intensity std of at least 0\.01"):
+        correspondences("faint", faint.astype(np.float32), {2: faint.astype(np.float32)}, {2: np.eye(3)}, 32, 200,
+                        source="faint.png", plane_check=False, min_patch_std=0.01)
+
+
 def test_rendered_view_follows_the_homography(monkeypatch) -> None:
     """Without photometry, view(H(x)) = image1(x) up to interpolation and the anti-aliasing blur,
     checked at random points of a smooth image (bilinear interpolation of image 1 at x vs nearest
