@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pipeline.budget import parse_duration
 from pipeline.data.hpatches import SPLIT_NAMES as HPATCHES_SPLITS
 from pipeline.device import gpu_count
-from pipeline.losses import DEFAULT_MARGIN, PAIR_LOSSES, LossName, Negatives
+from pipeline.losses import DEFAULT_MARGIN, PAIR_LOSSES, HardCandidates, LossName, Negatives
 from pipeline.models import create_model, list_models, model_info, model_options
 
 
@@ -92,6 +92,9 @@ class LossConfig(_Strict):
         "random", description="triplet_random / contrastive / softmax_ce: each pair's one in-batch negative, a random "
                               "one (the papers' sampler) or the hardest (HardNet's mining; the others use every negative); "
                               "mixed (pair losses only): one of each per pair")
+    hard_candidates: HardCandidates = Field(
+        "random", description="softmax_ce with hardest/mixed negatives: the 16 in-batch non-matches the classifier "
+                              "scores for each pair's hard one: random, or the nearest in feature space")
     sos_weight: float = Field(0.0, ge=0.0, description="weight of SOSNet's second-order similarity regulariser "
                                                      "(pipeline.losses.second_order_similarity; 0 = off, the paper's 1)")
     sos_knn: int = Field(8, ge=1, description="neighbours per view in the second-order term (the paper's 8)")
@@ -579,6 +582,12 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
         if (name := cfg.loss.name or model_info(cfg.model.arch).default_loss) not in PAIR_LOSSES:
             problems.append(f"loss.negatives: 'mixed' is for the pair losses ({', '.join(PAIR_LOSSES)}), not {cfg.model.arch}'s "
                             f"{name} (expected random or hardest)")
+    if cfg.loss.hard_candidates != "random":
+        name = cfg.loss.name or model_info(cfg.model.arch).default_loss
+        if name != "softmax_ce" or cfg.loss.negatives == "random":
+            problems.append(f"loss.hard_candidates: {cfg.loss.hard_candidates!r} chooses a pair classifier's hard negatives "
+                            f"(softmax_ce with negatives hardest or mixed), not {cfg.model.arch}'s {name} with negatives "
+                            f"{cfg.loss.negatives} (expected random)")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:
         problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")

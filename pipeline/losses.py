@@ -104,19 +104,34 @@ def hardest_negative_index(anchor: torch.Tensor, positive: torch.Tensor, duplica
         return dist.masked_fill(excluded, float("inf")).argmin(dim=1)
 
 
+HardCandidates = Literal["random", "nearest"]
+
+
 def highest_scoring_negative_index(anchor: torch.Tensor, positive: torch.Tensor,
                                    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                                   candidates: int = 16, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A pair classifier's hard negatives: for each i, among ``candidates`` random j != i, the one whose
+                                   candidates: int = 16, generator: torch.Generator | None = None,
+                                   pool: HardCandidates = "random") -> torch.Tensor:
+    """A pair classifier's hard negatives: for each i, among ``candidates`` j != i, the one whose
     pair ``(anchor[i], positive[j])`` the classifier ``score`` finds most like a match (largest
     ``logit_match - logit_nonmatch``). Scoring all B^2 pairs would cost B times a step's metric
-    network; the best of 16 random candidates ranks, on average, among the hardest 1/17 of the batch.
+    network, so only ``candidates`` are scored: ``pool="random"`` draws them at random (the best of 16
+    ranks, on average, among the hardest 1/17 of the batch); ``pool="nearest"`` takes the j whose
+    ``positive[j]`` features are closest to ``anchor[i]``'s, so the whole batch is searched at the cost
+    of one B x B distance matrix (what HardNet's mining looks at, then the classifier's own choice).
     No gradient flows through the choice."""
     b = len(anchor)
     k = min(candidates, b - 1)
-    # k distinct others per row: shifts 1..b-1 without repetition (a random order of them), then mod b
-    shifts = torch.rand(b, b - 1, generator=generator).argsort(dim=1)[:, :k] + 1
-    others = ((torch.arange(b).unsqueeze(1) + shifts) % b).to(anchor.device)
+    if pool == "nearest":
+        with torch.no_grad():
+            dist = pairwise_l2(anchor.float(), positive.float())
+            dist.fill_diagonal_(float("inf"))
+            others = dist.topk(k, dim=1, largest=False).indices
+    elif pool == "random":
+        # k distinct others per row: shifts 1..b-1 without repetition (a random order of them), then mod b
+        shifts = torch.rand(b, b - 1, generator=generator).argsort(dim=1)[:, :k] + 1
+        others = ((torch.arange(b).unsqueeze(1) + shifts) % b).to(anchor.device)
+    else:
+        raise ValueError(f"pool must be 'random' or 'nearest', got {pool!r}")
     with torch.no_grad():
         logits = score(anchor.repeat_interleave(k, dim=0), positive[others.reshape(-1)]).float()
         margin = (logits[:, 1] - logits[:, 0]).view(b, k)
@@ -240,6 +255,7 @@ def batch_loss(
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     negatives: Negatives = "random",
+    hard_candidates: HardCandidates = "random",
 ) -> torch.Tensor:
     """Loss ``name`` of a batch of B matching pairs, given their descriptors ``anchor``/``positive`` (B, D)
     (for a pair classifier: its per-patch features, and ``score`` = the model's ``score``).
@@ -256,7 +272,8 @@ def batch_loss(
       pair classifier ``highest_scoring_negative_index`` (most match-like by its own score); or with
       ``negatives="mixed"`` both: every matching pair twice and, for each, one random and one hard
       non-matching pair (4B pairs, still balanced), so that mining does not starve a classifier of the
-      easy negatives it learns from first.
+      easy negatives it learns from first. ``hard_candidates``: which 16 in-batch non-matches the pair
+      classifier scores for its hard one (``highest_scoring_negative_index``'s ``pool``).
     """
     if name not in LOSSES:
         raise KeyError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
@@ -274,7 +291,8 @@ def batch_loss(
     if negatives in ("random", "mixed"):
         chosen.append(in_batch_negatives(b, generator).to(anchor.device))
     if negatives in ("hardest", "mixed"):
-        chosen.append(highest_scoring_negative_index(anchor, positive, score, generator=generator)
+        chosen.append(highest_scoring_negative_index(anchor, positive, score, generator=generator,
+                                                     pool=hard_candidates)
                       if name == "softmax_ce" and score is not None else hardest_negative_index(anchor, positive))
     k = len(chosen)
     left = torch.cat([anchor] * 2 * k)

@@ -225,6 +225,29 @@ def test_mixed_negatives_average_the_random_and_the_hardest_loss():
         batch_loss("triplet_random", a, p, negatives="mixed")
 
 
+def test_nearest_candidates_are_the_closest_features_and_the_classifier_picks_among_them():
+    """``pool="nearest"``: for each pair, the 16 in-batch partners whose features are closest (brute
+    force over the batch, never itself), and of those the one the classifier's score finds most
+    match-like; through ``batch_loss`` with ``hard_candidates``, the same partners."""
+    g = torch.Generator().manual_seed(13)
+    a, p = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
+    score = lambda f1, f2: torch.stack([-(f1 * f2).sum(1), (f1 * f2).sum(1) - f1[:, 0] * f2[:, 1]], dim=1)  # noqa: E731
+    got = highest_scoring_negative_index(a, p, score, pool="nearest")
+    for i in range(40):
+        dist = [(float(((a[i] - p[j]) ** 2).sum()), j) for j in range(40) if j != i]
+        pool = [j for _, j in sorted(dist)[:16]]
+        margin = {j: float(torch.diff(score(a[i : i + 1], p[j : j + 1]))[0, 0]) for j in pool}
+        assert int(got[i]) == max(pool, key=margin.get)
+    # a partner outside the 16 nearest is never chosen, however match-like the score finds it
+    far = torch.cdist(a, p).masked_fill(torch.eye(40, dtype=torch.bool), -1).argmax(1)
+    assert not (got == far).any()
+    left, labels = torch.cat([a] * 2), torch.cat([torch.ones(40), torch.zeros(40)])
+    torch.testing.assert_close(batch_loss("softmax_ce", a, p, score=score, negatives="hardest", hard_candidates="nearest"),
+                               softmax_pair_loss(score(left, torch.cat([p, p[got]])), labels))
+    with pytest.raises(ValueError, match="random.*nearest"):
+        highest_scoring_negative_index(a, p, score, pool="farthest")
+
+
 def test_batch_loss_passes_tfeat_anchor_swap_to_the_random_triplet():
     """``loss.anchor_swap`` reaches the random-negative triplet (TFeat's swap), on the same draw."""
     g = torch.Generator().manual_seed(4)
