@@ -94,7 +94,7 @@ class LossConfig(_Strict):
                               "mixed (pair losses only): one of each per pair")
     hard_candidates: HardCandidates = Field(
         "random", description="softmax_ce with hardest/mixed negatives: the 16 in-batch non-matches the classifier "
-                              "scores for each pair's hard one: random, or the nearest in feature space")
+                              "scores for each pair's hard one: random, or the nearest in feature space (unused with negatives: random)")
     sos_weight: float = Field(0.0, ge=0.0, description="weight of SOSNet's second-order similarity regulariser "
                                                      "(pipeline.losses.second_order_similarity; 0 = off, the paper's 1)")
     sos_knn: int = Field(8, ge=1, description="neighbours per view in the second-order term (the paper's 8)")
@@ -582,12 +582,10 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
         if (name := cfg.loss.name or model_info(cfg.model.arch).default_loss) not in PAIR_LOSSES:
             problems.append(f"loss.negatives: 'mixed' is for the pair losses ({', '.join(PAIR_LOSSES)}), not {cfg.model.arch}'s "
                             f"{name} (expected random or hardest)")
-    if cfg.loss.hard_candidates != "random":
-        name = cfg.loss.name or model_info(cfg.model.arch).default_loss
-        if name != "softmax_ce" or cfg.loss.negatives == "random":
-            problems.append(f"loss.hard_candidates: {cfg.loss.hard_candidates!r} chooses a pair classifier's hard negatives "
-                            f"(softmax_ce with negatives hardest or mixed), not {cfg.model.arch}'s {name} with negatives "
-                            f"{cfg.loss.negatives} (expected random)")
+    # (with negatives: random it has nothing to choose, as a sweep over loss.negatives may set)
+    if cfg.loss.hard_candidates != "random" and (name := cfg.loss.name or model_info(cfg.model.arch).default_loss) != "softmax_ce":
+        problems.append(f"loss.hard_candidates: {cfg.loss.hard_candidates!r} chooses a pair classifier's hard negatives "
+                        f"(softmax_ce), not {cfg.model.arch}'s {name} (expected random)")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:
         problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")
