@@ -578,14 +578,14 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
         if cfg.train.batch_size <= cfg.loss.sos_knn:
             problems.append(f"train.batch_size: expected more than loss.sos_knn = {cfg.loss.sos_knn} pairs per rank for the "
                             f"second-order term, got {cfg.train.batch_size}")
-    if cfg.loss.negatives == "mixed":
-        if (name := cfg.loss.name or model_info(cfg.model.arch).default_loss) not in PAIR_LOSSES:
-            problems.append(f"loss.negatives: 'mixed' is for the pair losses ({', '.join(PAIR_LOSSES)}), not {cfg.model.arch}'s "
-                            f"{name} (expected random or hardest)")
+    loss = cfg.loss.name or model_info(cfg.model.arch).default_loss
+    if cfg.loss.negatives == "mixed" and loss not in PAIR_LOSSES:
+        problems.append(f"loss.negatives: 'mixed' is for the pair losses ({', '.join(PAIR_LOSSES)}), not {cfg.model.arch}'s "
+                        f"{loss} (expected random or hardest)")
     # (with negatives: random it has nothing to choose, as a sweep over loss.negatives may set)
-    if cfg.loss.hard_candidates != "random" and (name := cfg.loss.name or model_info(cfg.model.arch).default_loss) != "softmax_ce":
+    if cfg.loss.hard_candidates != "random" and loss != "softmax_ce":
         problems.append(f"loss.hard_candidates: {cfg.loss.hard_candidates!r} chooses a pair classifier's hard negatives "
-                        f"(softmax_ce), not {cfg.model.arch}'s {name} (expected random)")
+                        f"(softmax_ce), not {cfg.model.arch}'s {loss} (expected random)")
     s = cfg.scaling
     if s.use_gpu and s.num_workers > gpus:
         problems.append(f"scaling.num_workers: expected at most {gpus} (GPUs available) with use_gpu, got {s.num_workers}")
