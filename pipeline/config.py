@@ -98,6 +98,9 @@ class LossConfig(_Strict):
     sos_weight: float = Field(0.0, ge=0.0, description="weight of SOSNet's second-order similarity regulariser "
                                                      "(pipeline.losses.second_order_similarity; 0 = off, the paper's 1)")
     sos_knn: int = Field(8, ge=1, description="neighbours per view in the second-order term (the paper's 8)")
+    compactness_weight: float = Field(0.0, ge=0.0, description="weight of L2-Net's compactness term, the mean squared "
+                                      "correlation between descriptor dimensions (pipeline.losses.descriptor_correlation_penalty; "
+                                      "0 = off; the paper's sums correspond to D(D-1)/B)")
     mc_mu: float = Field(0.0, ge=0.0, description="weight of the MC-Loss diversity regulariser (0 = off)")
     mc_lambda: float = Field(1.0, ge=0.0)
     mc_xi: int = Field(4, ge=1, description="MC-Loss channels per group of the last conv maps")
@@ -571,6 +574,9 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
         if too_big:
             problems.append(f"sweep.pca_dims: expected dims in [1, {built.descriptor_dim}] ({cfg.model.arch}'s descriptor "
                             f"size with this config), got {too_big}")
+    if cfg.loss.compactness_weight > 0 and model_info(cfg.model.arch).kind == "pair_classifier":
+        problems.append(f"loss.compactness_weight: {cfg.model.arch!r} is a pair classifier: its features are not the "
+                        "descriptor the compactness term decorrelates (expected 0)")
     if cfg.loss.sos_weight > 0:
         if model_info(cfg.model.arch).kind == "pair_classifier":
             problems.append(f"loss.sos_weight: {cfg.model.arch!r} is a pair classifier: it has no descriptor distances "

@@ -188,7 +188,8 @@ def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor, scale: flo
     s^r_ij = s_ij / sum_k s_ik (row-wise), s^c_ij = s_ij / sum_k s_kj (column-wise);
     loss = -1/2 mean_i (log s^r_ii + log s^c_ii). Every in-batch negative counts, weighted by how close
     it is (a softened hardest-in-batch); 2 is the largest distance between unit descriptors. L2-Net's
-    compactness (E2) and intermediate-map (E3) terms are not included.
+    compactness term (E2) is ``descriptor_correlation_penalty`` (``loss.compactness_weight``); its
+    intermediate-map term (E3) is not included.
 
     ``scale`` multiplies the exponent, S = exp(scale * (2 - D)); 1 is the paper's formula. With unit
     descriptors the exponent spans only [0, 2], so at scale 1 a batch of 128 spreads the softmax over
@@ -199,6 +200,29 @@ def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor, scale: flo
     logits = scale * (2.0 - pairwise_l2(anchor, positive))
     target = torch.arange(len(anchor), device=anchor.device)
     return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target))
+
+
+def descriptor_correlation_penalty(anchor: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """L2-Net's compactness term (Tian, Fan, Wu 2017, E2), averaged instead of summed.
+
+    For each view (the B anchors, the B positives) separately: r_ij = the correlation across the batch
+    of descriptor dimensions i and j (centred columns, divided by their norms); the term is the mean of
+    r_ij^2 over i != j, averaged over the two views. It pushes the D dimensions to carry different
+    information. The paper sums, E2 = 1/2 sum_views sum_(i != j) r_ij^2, against E1 summed over the B
+    pairs: its weight relative to ``l2net_relative_loss`` (a mean) is D (D - 1) / B in these units.
+    Shape: (B, D), (B, D) -> scalar.
+    """
+    _check_pairs(anchor, positive)
+    d = anchor.shape[1]
+    if d < 2:
+        raise ValueError(f"the correlation penalty needs descriptors of at least 2 dimensions, got {d}")
+    off = ~torch.eye(d, dtype=torch.bool, device=anchor.device)
+    terms = []
+    for view in (anchor, positive):
+        centred = view - view.mean(0, keepdim=True)
+        unit = centred / (centred.norm(dim=0, keepdim=True) + 1e-8)
+        terms.append(((unit.t() @ unit)[off] ** 2).mean())
+    return 0.5 * (terms[0] + terms[1])
 
 
 def second_order_similarity(anchor: torch.Tensor, positive: torch.Tensor, knn: int = 8) -> torch.Tensor:

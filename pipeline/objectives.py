@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.config import LossConfig
-from pipeline.losses import LossName, batch_loss, second_order_similarity
+from pipeline.losses import LossName, batch_loss, descriptor_correlation_penalty, second_order_similarity
 from pipeline.mcloss import diversity_term
 from pipeline.models import fit_input, model_info
 
@@ -51,6 +51,8 @@ class PairObjective(nn.Module):
                           negatives=self.loss.negatives, hard_candidates=self.loss.hard_candidates)
         if self.loss.sos_weight > 0:
             loss = loss + self.loss.sos_weight * second_order_similarity(desc[:, 0], desc[:, 1], self.loss.sos_knn)
+        if self.loss.compactness_weight > 0:
+            loss = loss + self.loss.compactness_weight * descriptor_correlation_penalty(desc[:, 0], desc[:, 1])
         if self.loss.mc_mu > 0:
             maps = self._last_maps.float()
             groups = maps.shape[1] // self.loss.mc_xi * self.loss.mc_xi

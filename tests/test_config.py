@@ -36,6 +36,8 @@ def write(tmp_path, text, name="run.yaml"):
         ),
         ("data: {shards: s}\nsweep: {search_space: {loss.marg: {choice: [1]}}}\n", "sweep.search_space", "unknown key 'loss.marg'"),
         ("data: {shards: s}\nmodel: {arch: matchnet}\nloss: {sos_weight: 1}\n", "loss.sos_weight", "pair classifier"),
+        ("data: {shards: s}\nmodel: {arch: matchnet}\nloss: {compactness_weight: 1}\n", "loss.compactness_weight",
+         "pair classifier"),
         ("data: {shards: s}\nmodel: {arch: tfeat}\nloss: {negatives: mixed}\n", "loss.negatives", "pair losses"),
         ("data: {shards: s}\nmodel: {arch: siamese}\nloss: {negatives: hardest, hard_candidates: nearest}\n",
          "loss.hard_candidates", "not siamese's contrastive (expected random)"),

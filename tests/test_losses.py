@@ -327,3 +327,39 @@ def test_the_objective_adds_the_weighted_second_order_term():
         with_sos = PairObjective(model, "sosnet", LossConfig(sos_weight=0.5, sos_knn=4))(x)
     torch.testing.assert_close(plain, hardest_in_batch_triplet_loss(desc[:, 0], desc[:, 1]))
     torch.testing.assert_close(with_sos, plain + 0.5 * second_order_similarity(desc[:, 0], desc[:, 1], knn=4))
+
+
+def test_descriptor_correlation_penalty_matches_numpy_corrcoef():
+    """L2-Net's E2: the mean over i != j of the squared correlation of descriptor dimensions i and j
+    across the batch, per view, averaged over the two views; numpy's corrcoef as the reference."""
+    import numpy as np
+
+    from pipeline.losses import descriptor_correlation_penalty
+
+    g = torch.Generator().manual_seed(3)
+    a, p = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
+    p[:, 1] = 2 * p[:, 0] + 0.1 * p[:, 1]  # two nearly redundant dimensions in one view
+    off = ~np.eye(6, dtype=bool)
+    want = 0.5 * sum((np.corrcoef(v.numpy(), rowvar=False)[off] ** 2).mean() for v in (a, p))
+    assert descriptor_correlation_penalty(a, p).item() == pytest.approx(want, rel=1e-6)
+    assert descriptor_correlation_penalty(p, p).item() > descriptor_correlation_penalty(a, a).item()
+    leaf = p.clone().requires_grad_()
+    descriptor_correlation_penalty(a, leaf).backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        descriptor_correlation_penalty(a[:, :1], p[:, :1])
+
+
+def test_the_objective_adds_the_weighted_compactness_term():
+    from pipeline.config import LossConfig
+    from pipeline.losses import descriptor_correlation_penalty, l2net_relative_loss
+    from pipeline.models import create_model
+    from pipeline.objectives import PairObjective
+
+    model = create_model("l2net").eval()
+    x = torch.rand(2 * 12, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        desc = model(x).view(12, 2, -1)
+        got = PairObjective(model, "l2net", LossConfig(scale=10.0, compactness_weight=3.0))(x)
+    want = l2net_relative_loss(desc[:, 0], desc[:, 1], scale=10.0) + 3.0 * descriptor_correlation_penalty(desc[:, 0], desc[:, 1])
+    torch.testing.assert_close(got, want)
