@@ -33,15 +33,15 @@ quality: install
 
 # Issue 17's table: every trainable architecture trained through the pipeline on the same synthetic
 # shards with the same number of pairs (98,304 = 768 steps of 128 each, every pair distinct), FPR95 on
-# the synthetic eval split and on graf with SIFT (53-94 min measured on 2-core VMs); benchmarks/README.md
-# has the figures. ZOO_ARGS shrinks it on a busy machine, e.g.
+# 20,000 synthetic eval pairs (4000 left intervals as wide as the gaps between models) and on graf with
+# SIFT (22 min on a 2-core AMX Xeon, 53-95 min on 2-core AVX2 VMs); benchmarks/README.md has the figures. ZOO_ARGS shrinks it on a busy machine, e.g.
 # make zoo ZOO_ARGS="--pairs 1024 --batch-size 128 --graf-pairs 2000".
 ZOO_SHARDS ?= shards-zoo
-ZOO_ARGS ?= --pairs 98304 --batch-size 128
+ZOO_ARGS ?= --pairs 98304 --batch-size 128 --eval-pairs 20000
 # The shards are always (re)generated (~35 s): shards left by an older generator would be reused otherwise,
 # and the writer rewrites only the shards whose bytes changed.
 zoo: install
-	$(BIN)/patchflow shards synthetic --out $(ZOO_SHARDS) --train-pairs 120000
+	$(BIN)/patchflow shards synthetic --out $(ZOO_SHARDS) --train-pairs 120000 --eval-pairs 20000
 	nice -n 10 $(BIN)/python benchmarks/zoo.py $(ZOO_SHARDS) $(ZOO_ARGS)
 
 # Issue 13's reference run (about an hour on 2 CPU cores; configs/sweeps/reference.yaml): more pairs of

@@ -5,8 +5,8 @@ then FPR95 with 95 % bootstrap intervals on the synthetic eval split and on Oxfo
 kornia's SIFT, in one table; plus HardNet with the MC-Loss diversity term on (``loss.mc_mu``) against
 the plain HardNet row, same budget and seed.
 
-    patchflow shards synthetic --out shards-zoo --train-pairs 120000
-    .venv/bin/python benchmarks/zoo.py shards-zoo --pairs 98304 --batch-size 128   # or: make zoo (the same)
+    patchflow shards synthetic --out shards-zoo --train-pairs 120000 --eval-pairs 20000
+    .venv/bin/python benchmarks/zoo.py shards-zoo --pairs 98304 --batch-size 128 --eval-pairs 20000   # or: make zoo
 
 Each run trains on ``--pairs`` pairs (``train.batch_size`` from the model file, or ``--batch-size`` for
 every run, with the lr scaled by the file's ``lr_reference_batch``; epochs x steps rounded to whole
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="every run's train.batch_size (default: each model file's; "
                         "the lr follows it through lr_reference_batch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-pairs", type=int, default=4000, help="synthetic eval pairs in the table")
+    parser.add_argument("--eval-pairs", type=int, default=20000, help="synthetic eval pairs in the table (at most the shards' eval split)")
     parser.add_argument("--train-eval-pairs", type=int, default=2000, help="eval pairs of the per-epoch check in training")
     parser.add_argument("--graf-pairs", type=int, help="score a fixed random subset of this many graf pairs (default: all)")
     parser.add_argument("--images", default=str(GRAF), help="sequence with ground-truth homographies (default graf)")
