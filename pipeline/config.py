@@ -88,6 +88,8 @@ class LossConfig(_Strict):
     margin: float = Field(DEFAULT_MARGIN, gt=0.0)
     anchor_swap: bool = True
     scale: float = Field(1.0, gt=0.0, description="l2net_relative: S = exp(scale * (2 - D)); 1 = the L2-Net paper's")
+    relative_margin: float = Field(0.0, ge=0.0, description="l2net_relative: m added to each positive distance inside the "
+                                   "softmax (additive margin; 0 = the paper's loss)")
     negatives: Negatives = Field(
         "random", description="triplet_random / contrastive / softmax_ce: each pair's one in-batch negative, a random "
                               "one (the papers' sampler) or the hardest (HardNet's mining; the others use every negative); "
@@ -588,6 +590,9 @@ def check_config(cfg: Config, available_cpus: int | None = None, available_gpus:
     if cfg.loss.negatives == "mixed" and loss not in PAIR_LOSSES:
         problems.append(f"loss.negatives: 'mixed' is for the pair losses ({', '.join(PAIR_LOSSES)}), not {cfg.model.arch}'s "
                         f"{loss} (expected random or hardest)")
+    if cfg.loss.relative_margin > 0 and loss != "l2net_relative":
+        problems.append(f"loss.relative_margin: it is the margin of L2-Net's relative-distance loss (l2net_relative), "
+                        f"not {cfg.model.arch}'s {loss} (expected 0; the triplet and contrastive losses use loss.margin)")
     # (with negatives: random it has nothing to choose, as a sweep over loss.negatives may set)
     if cfg.loss.hard_candidates != "random" and loss != "softmax_ce":
         problems.append(f"loss.hard_candidates: {cfg.loss.hard_candidates!r} chooses a pair classifier's hard negatives "

@@ -181,7 +181,7 @@ def contrastive_loss(d1: torch.Tensor, d2: torch.Tensor, labels: torch.Tensor, m
     return (0.5 * y * sq + 0.5 * (1.0 - y) * torch.clamp(margin - d, min=0.0) ** 2).mean()
 
 
-def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor, scale: float = 1.0, margin: float = 0.0) -> torch.Tensor:
     """L2-Net's relative-distance loss (Tian, Fan, Wu 2017, E1), averaged over pairs instead of summed.
 
     With D the (B, B) Euclidean distances between ``anchor`` and ``positive`` rows and S = exp(2 - D):
@@ -195,9 +195,17 @@ def l2net_relative_loss(anchor: torch.Tensor, positive: torch.Tensor, scale: flo
     descriptors the exponent spans only [0, 2], so at scale 1 a batch of 128 spreads the softmax over
     all negatives almost evenly (the positive gets ~3 % of it at best) and the gradient barely
     singles out the hard ones; a larger scale (a lower temperature) moves it towards hardest-in-batch.
+
+    ``margin`` (not in the paper; 0 = its formula) adds m to each positive distance inside the
+    softmax, S_ii = exp(scale * (2 - D_ii - m)), as additive-margin softmax losses do: the loss stays
+    high until every negative is at least m farther than the positive, where the plain softmax is
+    satisfied by any gap (HardNet's triplet keeps a margin of 1 for the same reason).
     """
     _check_pairs(anchor, positive)
-    logits = scale * (2.0 - pairwise_l2(anchor, positive))
+    d = pairwise_l2(anchor, positive)
+    if margin:
+        d = d + margin * torch.eye(len(anchor), dtype=d.dtype, device=d.device)
+    logits = scale * (2.0 - d)
     target = torch.arange(len(anchor), device=anchor.device)
     return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target))
 
@@ -276,6 +284,7 @@ def batch_loss(
     margin: float = DEFAULT_MARGIN,
     anchor_swap: bool = True,
     scale: float = 1.0,
+    relative_margin: float = 0.0,
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     negatives: Negatives = "random",
@@ -289,7 +298,7 @@ def batch_loss(
       closest; ``anchor_swap`` is TFeat's swap (the negative distance is the smaller of
       anchor-negative and positive-negative).
     - ``l2net_relative``: L2-Net's relative-distance softmax over the whole batch, exponent times
-      ``scale`` (``margin`` unused).
+      ``scale``, ``relative_margin`` added to the positive distances (``margin`` unused).
     - ``contrastive`` / ``softmax_ce``: the B matching pairs plus B non-matching pairs
       ``(a_i, p_pi(i))`` with pi = ``in_batch_negatives`` (balanced, as MatchNet's sampler), or with
       ``negatives="hardest"`` pi(i) = ``hardest_negative_index`` (closest in descriptor space), for the
@@ -308,7 +317,7 @@ def batch_loss(
         return triplet_random_negative_loss(anchor, positive, margin=margin, generator=generator, anchor_swap=anchor_swap,
                                             negatives=negatives)
     if name == "l2net_relative":
-        return l2net_relative_loss(anchor, positive, scale=scale)
+        return l2net_relative_loss(anchor, positive, scale=scale, margin=relative_margin)
     b = len(anchor)
     _check_negatives(negatives, name)
     chosen = []  # each positive's non-matching partners

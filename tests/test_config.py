@@ -39,6 +39,8 @@ def write(tmp_path, text, name="run.yaml"):
         ("data: {shards: s}\nmodel: {arch: matchnet}\nloss: {compactness_weight: 1}\n", "loss.compactness_weight",
          "pair classifier"),
         ("data: {shards: s}\nmodel: {arch: tfeat}\nloss: {negatives: mixed}\n", "loss.negatives", "pair losses"),
+        ("data: {shards: s}\nmodel: {arch: hardnet}\nloss: {relative_margin: 0.5}\n", "loss.relative_margin",
+         "not hardnet's hardest_triplet (expected 0"),
         ("data: {shards: s}\nmodel: {arch: siamese}\nloss: {negatives: hardest, hard_candidates: nearest}\n",
          "loss.hard_candidates", "not siamese's contrastive (expected random)"),
         ("data: {shards: s}\nmodel: {arch: sosnet}\nloss: {sos_weight: 1}\ntrain: {batch_size: 8}\n", "train.batch_size",

@@ -289,6 +289,13 @@ def test_l2net_relative_loss_matches_the_papers_formula():
     scaled = sum(-0.5 * (math.log(s[i][i] / sum(s[m][i] for m in range(n))) + math.log(s[i][i] / sum(s[i][m] for m in range(n))))
                  for i in range(n)) / n
     assert math.isclose(batch_loss("l2net_relative", a, p, scale=k).item(), scaled, rel_tol=1e-5)
+    # relative_margin m: each positive distance + m inside the softmax (additive margin; 0 = the paper's)
+    m = 0.5
+    s = [[math.exp(k * (2.0 - _dist(a[i], p[j], 1e-6) - (m if i == j else 0.0))) for j in range(n)] for i in range(n)]
+    margined = sum(-0.5 * (math.log(s[i][i] / sum(s[q][i] for q in range(n))) + math.log(s[i][i] / sum(s[i][q] for q in range(n))))
+                   for i in range(n)) / n
+    assert math.isclose(batch_loss("l2net_relative", a, p, scale=k, relative_margin=m).item(), margined, rel_tol=1e-5)
+    assert margined > scaled
 
 
 def test_second_order_similarity_matches_the_sosnet_formula_by_brute_force():
