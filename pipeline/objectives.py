@@ -47,8 +47,9 @@ class PairObjective(nn.Module):
         b = x.shape[0] // 2
         desc = self._describe(fit_input(x, self.model.input_size)).float().view(b, 2, -1)
         loss = batch_loss(self.name, desc[:, 0], desc[:, 1], margin=self.loss.margin,
-                          anchor_swap=self.loss.anchor_swap, scale=self.loss.scale, relative_margin=self.loss.relative_margin, score=self._score, generator=self.generator,
-                          negatives=self.loss.negatives, hard_candidates=self.loss.hard_candidates)
+                          anchor_swap=self.loss.anchor_swap, scale=self.loss.scale, relative_margin=self.loss.relative_margin,
+                          score=self._score, generator=self.generator, negatives=self.loss.negatives,
+                          hard_candidates=self.loss.hard_candidates)
         if self.loss.sos_weight > 0:
             loss = loss + self.loss.sos_weight * second_order_similarity(desc[:, 0], desc[:, 1], self.loss.sos_knn)
         if self.loss.compactness_weight > 0:

@@ -273,29 +273,28 @@ def test_l2net_relative_loss_matches_the_papers_formula():
     a = torch.nn.functional.normalize(torch.randn(7, 12, generator=g), dim=1)
     p = torch.nn.functional.normalize(a + 0.4 * torch.randn(7, 12, generator=g), dim=1)
     n = len(a)
-    s = [[math.exp(2.0 - _dist(a[i], p[j], 1e-6)) for j in range(n)] for i in range(n)]
-    total = 0.0
-    for i in range(n):
-        col = s[i][i] / sum(s[m][i] for m in range(n))
-        row = s[i][i] / sum(s[i][m] for m in range(n))
-        total += -0.5 * (math.log(col) + math.log(row))
-    assert math.isclose(l2net_relative_loss(a, p).item(), total / n, rel_tol=1e-5)
+
+    def e1(scale: float = 1.0, margin: float = 0.0) -> float:
+        """S_ij = exp(scale (2 - D_ij - margin [i == j])), then the column- and row-normalised mean."""
+        s = [[math.exp(scale * (2.0 - _dist(a[i], p[j], 1e-6) - (margin if i == j else 0.0))) for j in range(n)]
+             for i in range(n)]
+        total = 0.0
+        for i in range(n):
+            col = s[i][i] / sum(s[q][i] for q in range(n))
+            row = s[i][i] / sum(s[i][q] for q in range(n))
+            total += -0.5 * (math.log(col) + math.log(row))
+        return total / n
+
+    assert math.isclose(l2net_relative_loss(a, p).item(), e1(), rel_tol=1e-5)
     torch.testing.assert_close(batch_loss("l2net_relative", a, p), l2net_relative_loss(a, p))
     # matching pairs closer than every negative lower it; swapping the positives around raises it
     assert l2net_relative_loss(a, a).item() < l2net_relative_loss(a, p).item() < l2net_relative_loss(a, p.roll(1, 0)).item()
     # scale k: the same formula with exp(k * (2 - D)), through batch_loss as configs pass it
     k = 9.0
-    s = [[math.exp(k * (2.0 - _dist(a[i], p[j], 1e-6))) for j in range(n)] for i in range(n)]
-    scaled = sum(-0.5 * (math.log(s[i][i] / sum(s[m][i] for m in range(n))) + math.log(s[i][i] / sum(s[i][m] for m in range(n))))
-                 for i in range(n)) / n
-    assert math.isclose(batch_loss("l2net_relative", a, p, scale=k).item(), scaled, rel_tol=1e-5)
+    assert math.isclose(batch_loss("l2net_relative", a, p, scale=k).item(), e1(k), rel_tol=1e-5)
     # relative_margin m: each positive distance + m inside the softmax (additive margin; 0 = the paper's)
-    m = 0.5
-    s = [[math.exp(k * (2.0 - _dist(a[i], p[j], 1e-6) - (m if i == j else 0.0))) for j in range(n)] for i in range(n)]
-    margined = sum(-0.5 * (math.log(s[i][i] / sum(s[q][i] for q in range(n))) + math.log(s[i][i] / sum(s[i][q] for q in range(n))))
-                   for i in range(n)) / n
-    assert math.isclose(batch_loss("l2net_relative", a, p, scale=k, relative_margin=m).item(), margined, rel_tol=1e-5)
-    assert margined > scaled
+    assert math.isclose(batch_loss("l2net_relative", a, p, scale=k, relative_margin=0.5).item(), e1(k, 0.5), rel_tol=1e-5)
+    assert e1(k, 0.5) > e1(k)
 
 
 def test_second_order_similarity_matches_the_sosnet_formula_by_brute_force():
@@ -357,7 +356,7 @@ def test_descriptor_correlation_penalty_matches_numpy_corrcoef():
         descriptor_correlation_penalty(a[:, :1], p[:, :1])
 
 
-def test_the_objective_adds_the_weighted_compactness_term():
+def test_the_objective_passes_the_relative_margin_and_adds_the_weighted_compactness_term():
     from pipeline.config import LossConfig
     from pipeline.losses import descriptor_correlation_penalty, l2net_relative_loss
     from pipeline.models import create_model
@@ -367,6 +366,7 @@ def test_the_objective_adds_the_weighted_compactness_term():
     x = torch.rand(2 * 12, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         desc = model(x).view(12, 2, -1)
-        got = PairObjective(model, "l2net", LossConfig(scale=10.0, compactness_weight=3.0))(x)
-    want = l2net_relative_loss(desc[:, 0], desc[:, 1], scale=10.0) + 3.0 * descriptor_correlation_penalty(desc[:, 0], desc[:, 1])
+        got = PairObjective(model, "l2net", LossConfig(scale=10.0, relative_margin=0.5, compactness_weight=3.0))(x)
+    want = (l2net_relative_loss(desc[:, 0], desc[:, 1], scale=10.0, margin=0.5)
+            + 3.0 * descriptor_correlation_penalty(desc[:, 0], desc[:, 1]))
     torch.testing.assert_close(got, want)
