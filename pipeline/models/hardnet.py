@@ -14,6 +14,24 @@ from torch import nn
 from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
+class FullWindowConv(nn.Conv2d):
+    """The towers' last layer: a convolution whose kernel covers its whole input (8x8 over 8x8 maps),
+    so one output per patch. An ``nn.Conv2d`` in parameters, state-dict keys and results, computed as
+    the matrix product it is: oneDNN's convolution kernels handle this shape poorly on CPU, where
+    HardNet8's 256 -> 512 layer took 1354 ms forward + backward at batch 256 against 159 ms as a GEMM
+    (2 AVX2 threads; ``benchmarks/full_window_conv.py``). Any other input size goes to the convolution.
+
+    Shape: ``(B, C_in, k, k) -> (B, C_out, 1, 1)``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.bias is not None or self.groups != 1 or self.padding != (0, 0) or self.dilation != (1, 1)
+                or tuple(x.shape[-2:]) != self.kernel_size):
+            return super().forward(x)
+        # (C_in, kh, kw) flattened in the same order on both sides; reshape copies a channels_last input
+        return F.linear(x.reshape(len(x), -1), self.weight.reshape(self.out_channels, -1))[:, :, None, None]
+
+
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     return [
         nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False),
@@ -43,7 +61,7 @@ class HardNet(nn.Module):
             *_conv_bn_relu(64, 128, stride=2),
             *_conv_bn_relu(128, 128),
             nn.Dropout(dropout),
-            nn.Conv2d(128, 128, kernel_size=8, bias=False),
+            FullWindowConv(128, 128, kernel_size=8, bias=False),
             nn.BatchNorm2d(128, affine=False),
         )
         for m in self.modules():

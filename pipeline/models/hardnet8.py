@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.hardnet import _conv_bn_relu
+from pipeline.models.hardnet import FullWindowConv, _conv_bn_relu
 from pipeline.models.pca_head import project
 from pipeline.models.registry import ModelInfo, check_patches, register_model
 
@@ -43,7 +43,7 @@ class HardNet8(nn.Module):
             *_conv_bn_relu(128, 128),
             *_conv_bn_relu(128, 256),
             nn.Dropout(dropout),
-            nn.Conv2d(256, FEATURE_DIM, kernel_size=8, bias=False),
+            FullWindowConv(256, FEATURE_DIM, kernel_size=8, bias=False),
             nn.BatchNorm2d(FEATURE_DIM, affine=False),
         )
         for m in self.modules():

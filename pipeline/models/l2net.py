@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.hardnet import HardNet, _conv_bn_relu
+from pipeline.models.hardnet import FullWindowConv, HardNet, _conv_bn_relu
 from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
@@ -37,7 +37,7 @@ class L2Net(nn.Module):
             *_conv_bn_relu(64, 64),
             *_conv_bn_relu(64, 128, stride=2),
             *_conv_bn_relu(128, 128),
-            nn.Conv2d(128, 128, kernel_size=8, bias=False),
+            FullWindowConv(128, 128, kernel_size=8, bias=False),
             nn.BatchNorm2d(128, affine=False),
         )
         for m in self.modules():

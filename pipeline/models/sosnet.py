@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.hardnet import _conv_bn_relu
+from pipeline.models.hardnet import FullWindowConv, _conv_bn_relu
 from pipeline.models.registry import ModelInfo, check_patches, register_model
 
 
@@ -33,7 +33,7 @@ class SOSNet(nn.Module):
             *_conv_bn_relu(64, 128, stride=2),
             *_conv_bn_relu(128, 128),
             nn.Dropout(dropout),
-            nn.Conv2d(128, 128, kernel_size=8, bias=False),
+            FullWindowConv(128, 128, kernel_size=8, bias=False),
             nn.BatchNorm2d(128, affine=False),
         )
         # LRN with a window (256) wider than the 128 channels, alpha = size, k = 0, beta = 1/2 divides
