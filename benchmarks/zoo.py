@@ -10,8 +10,12 @@ the plain HardNet row, same budget and seed.
 
 Each run trains on ``--pairs`` pairs (``train.batch_size`` from the model file, or ``--batch-size`` for
 every run, with the lr scaled by the file's ``lr_reference_batch``; epochs x steps rounded to whole
-batches, the actual count printed), with one Ray worker holding every CPU (as the demo's
-HardNet). The models evaluated are the last epoch's checkpoints (no epoch picked by the eval split).
+batches, the actual count printed). ``--parallel`` runs train side by side (default: one per CPU),
+each a process of its own joined to this script's Ray cluster, with one Ray worker holding
+CPUs / parallel CPUs, longest first: on 2 AVX2 cores two 1-thread HardNet runs made 97 + 98 pairs/s
+against 159 for one 2-thread run (benchmarks/README). ``--parallel 1`` trains one run at a time in
+this process, its worker holding every CPU. The models evaluated are the last epoch's checkpoints
+(no epoch picked by the eval split).
 Graf pairs are built as ``patchflow evaluate --images data/oxford_graf`` builds them (seed 0); graf is
 only evaluated on, never searched on.
 
@@ -28,6 +32,7 @@ import itertools
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -64,28 +69,35 @@ def cpu_model() -> str:
         return "unknown CPU"
 
 
-def arch_config(arch: str, shards: str, workdir: Path, pairs: int, epochs: int, overrides: dict, eval_pairs: int):
+EXPERIMENT = "patchflow-zoo"
+
+
+def tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def arch_config(arch: str, shards: str, workdir: Path, pairs: int, epochs: int, overrides: dict, eval_pairs: int,
+                cpus: int, tag: str = ""):
     """The architecture's model file as ``patchflow train --config`` would load it, with the zoo's data,
-    budget and storage; returns (Config, pairs actually trained on)."""
+    budget, storage and ``cpus`` for its one Ray worker; returns (Config, pairs actually trained on)."""
     from pipeline.config import load_config
 
     base = yaml.safe_load((MODELS_DIR / f"{arch}.yaml").read_text())
     batch = int(overrides.get("train.batch_size", base["train"]["batch_size"]))
     steps = max(1, round(pairs / (batch * epochs)))
-    cpus = os.cpu_count() or 1
-    path = workdir / f"{arch}.yaml"
+    path = workdir / f"{arch}{tag}.yaml"  # a file per run: runs of one architecture may train side by side
     path.write_text(yaml.safe_dump({
         "base": str(MODELS_DIR / f"{arch}.yaml"),
         "data": {"shards": str(Path(shards).resolve()), "eval_pairs": eval_pairs},
         "scaling": {"num_workers": 1, "cpus_per_worker": cpus, "use_gpu": False},
         "run": {"storage_path": str(workdir / "runs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "experiment": "patchflow-zoo"},
+        "mlflow": {"tracking_uri": tracking_uri(workdir), "experiment": EXPERIMENT},
     }))
     updates = {"train.epochs": epochs, "train.batches_per_epoch": steps, **overrides}
     return load_config(path, updates), steps * epochs * batch
 
 
-def train_and_score(name: str, arch: str, args, workdir: Path, overrides: dict, synth, graf) -> Row:
+def train_and_score(name: str, arch: str, args, workdir: Path, overrides: dict, synth, graf, cpus: int, tag: str = "") -> Row:
     from pipeline.checkpoint import model_from_checkpoint
     from pipeline.evaluate import pair_distances
     from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
@@ -98,7 +110,7 @@ def train_and_score(name: str, arch: str, args, workdir: Path, overrides: dict, 
 
     cfg, pairs = arch_config(arch, args.shards, workdir, args.pairs, args.epochs,
                              {"train.seed": args.seed, **({"train.batch_size": args.batch_size} if args.batch_size else {}),
-                              **overrides}, args.train_eval_pairs)
+                              **overrides}, args.train_eval_pairs, cpus, tag)
     cfg = cfg.with_updates({"run.name": f"zoo-{name}-{time.strftime('%Y%m%d-%H%M%S')}"})
     t0 = time.perf_counter()
     outcome = train(cfg)
@@ -142,6 +154,51 @@ def triplet_verdict(rows: list[Row]) -> list[str]:
     return lines
 
 
+# Training time relative to HardNet's at the same pairs (2 AVX2 cores, the zoo's train s and
+# benchmarks/full_window_conv.py): the longest runs start first, so the last to finish is a short one.
+RELATIVE_COST = {"hardnet8": 1.6, "matchnet": 0.6, "siamese": 0.25, "tfeat": 0.15}  # every other run: 1
+
+
+def row_from_json(path: Path) -> Row:
+    d = json.loads(path.read_text())
+    return Row(**{**d, "synthetic": tuple(d["synthetic"]), "graf": tuple(d["graf"]) if d["graf"] else None})
+
+
+def run_side_by_side(runs: list[tuple[str, str, dict]], args, workdir: Path, parallel: int, cpus: int) -> list[Row]:
+    """Each run in a process of its own (this script with ``--child-run``) joined to this process's Ray
+    cluster, ``parallel`` at a time, longest first; the rows in the order of ``runs``."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import get_or_create_experiment
+
+    # The store's schema and the experiment made once here: runs starting together would race to create them.
+    get_or_create_experiment(MlflowClient(tracking_uri(workdir)), EXPERIMENT)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    queue = sorted(range(len(runs)), key=lambda i: -RELATIVE_COST.get(runs[i][1], 1.0))
+    running: dict[int, subprocess.Popen] = {}
+    rows: dict[int, Row] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                i = queue.pop(0)
+                cmd = [sys.executable, __file__, args.shards, "--pairs", str(args.pairs), "--epochs", str(args.epochs),
+                       "--seed", str(args.seed), "--train-eval-pairs", str(args.train_eval_pairs), "--workdir", str(workdir),
+                       "--child-run", json.dumps(runs[i]), "--child-cpus", str(cpus), "--child-tag", f"-{i}"]
+                running[i] = subprocess.Popen(cmd + (["--batch-size", str(args.batch_size)] if args.batch_size else []), env=env)
+            time.sleep(1)
+            for i, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[i]
+                    if proc.returncode != 0:
+                        raise SystemExit(f"[zoo] run {runs[i][0]!r} failed (exit code {proc.returncode}): its output is above")
+                    rows[i] = row_from_json(workdir / f"row-{i}.json")
+    finally:  # a failed run or Ctrl-C: the others stop too
+        for proc in running.values():
+            proc.terminate()
+    return [rows[i] for i in range(len(runs))]
+
+
 def parse_grid(items: list[str]) -> list[dict]:
     keys, values = [], []
     for item in items:
@@ -170,9 +227,15 @@ def main() -> None:
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="search mode (see above)")
     parser.add_argument("--workdir", help="runs/ and mlflow.db go here (default: a new temporary folder)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--parallel", type=int, help="runs training side by side, each with CPUs / parallel CPUs "
+                        "(default: one per CPU; 1: one at a time in this process)")
+    parser.add_argument("--child-run", help=argparse.SUPPRESS)  # [name, arch, overrides]: one run of a --parallel zoo
+    parser.add_argument("--child-cpus", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-tag", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    import ray
+    if args.child_run:
+        child_run(args)
+        return
 
     from pipeline.cluster import start_local_ray
     from pipeline.data.stream import load_eval_pairs
@@ -205,6 +268,8 @@ def main() -> None:
         return (fpr_at_95_recall(d, labels), *bootstrap_interval(d, labels, fpr_at_95_recall))
 
     sift = Row(SIFT_NAME, "sift", "-", 0, 0.0, sift_score(*synth), sift_score(*graf) if graf else None, {})
+    np.savez(workdir / "eval-pairs.npz", synth_pairs=synth[0], synth_labels=synth[1],  # for the --parallel runs
+             **({"graf_pairs": graf[0], "graf_labels": graf[1]} if graf else {}))
     # A Ray of its own, not whichever cluster another process on the machine recorded as current
     # (init_ray would join that one); workflow.train then finds it initialised.
     start_local_ray(os.cpu_count() or 1, log_to_driver=False)
@@ -215,7 +280,13 @@ def main() -> None:
         runs = [(a, a, {}) for a in archs]
         if args.mc_mu > 0 and "hardnet" in archs:
             runs.append((f"hardnet + MC-Loss (mu {args.mc_mu:g})", "hardnet", {"loss.mc_mu": args.mc_mu}))
-    rows = [train_and_score(name, arch, args, workdir, over, synth, graf) for name, arch, over in runs]
+    cpus = os.cpu_count() or 1
+    parallel = max(1, min(args.parallel or cpus, len(runs)))
+    print(f"[zoo] {len(runs)} runs, {parallel} side by side with {max(1, cpus // parallel)} CPU(s) each", flush=True)
+    if parallel == 1:
+        rows = [train_and_score(name, arch, args, workdir, over, synth, graf, cpus) for name, arch, over in runs]
+    else:
+        rows = run_side_by_side(runs, args, workdir, parallel, max(1, cpus // parallel))
 
     print()
     print(table(rows, sift))
@@ -229,6 +300,21 @@ def main() -> None:
           f"{time.perf_counter() - t0:.0f} s in all)")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "sift": asdict(sift), "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+def child_run(args) -> None:
+    """One run of a ``--parallel`` zoo, in its own process: train (joining the parent's Ray through
+    $RAY_ADDRESS), score on the parent's eval pairs, write the row for the parent."""
+    import torch
+
+    name, arch, overrides = json.loads(args.child_run)
+    workdir = Path(args.workdir)
+    torch.set_num_threads(args.child_cpus)  # the scoring's share of the machine, like the training worker's
+    data = np.load(workdir / "eval-pairs.npz")
+    synth = (data["synth_pairs"], data["synth_labels"])
+    graf = (data["graf_pairs"], data["graf_labels"]) if "graf_pairs" in data else None
+    row = train_and_score(name, arch, args, workdir, overrides, synth, graf, args.child_cpus, args.child_tag)
+    (workdir / f"row{args.child_tag}.json").write_text(json.dumps(asdict(row)))
 
 
 if __name__ == "__main__":
