@@ -28,8 +28,9 @@ class FullWindowConv(nn.Conv2d):
         if (self.bias is not None or self.groups != 1 or self.padding != (0, 0) or self.dilation != (1, 1)
                 or tuple(x.shape[-2:]) != self.kernel_size):
             return super().forward(x)
-        # (C_in, kh, kw) flattened in the same order on both sides; reshape copies a channels_last input
-        return F.linear(x.reshape(len(x), -1), self.weight.reshape(self.out_channels, -1))[:, :, None, None]
+        # (C_in, kh, kw) flattened in the same order on both sides (a channels_last input is copied);
+        # flatten, not reshape(len(x), -1): a TorchScript trace would keep the example's batch size
+        return F.linear(x.flatten(1), self.weight.flatten(1))[:, :, None, None]
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
