@@ -34,8 +34,10 @@ quality: install
 # Issue 17's table: every trainable architecture trained through the pipeline on the same synthetic
 # shards with the same number of pairs (98,304 = 768 steps of 128 each, every pair distinct), FPR95 on
 # 20,000 synthetic eval pairs (4000 left intervals as wide as the gaps between models) and on graf with
-# SIFT (22 min on a 2-core AMX Xeon, 53 min on an AVX-512 one without AMX, ~95 min estimated on an AVX2-only
-# Zen 3 VM); benchmarks/README.md has the figures. ZOO_ARGS shrinks it on a busy machine, e.g.
+# SIFT. Runs train side by side, one per CPU (zoo.py --parallel): 74 min on a 2-core AVX2-only Zen 3 VM
+# (2026-12-07); one at a time it took 22 min on a 2-core AMX Xeon and 53 min on an AVX-512 one without AMX,
+# before the towers' last layer became a GEMM (HardNet8 2x faster on AVX2); benchmarks/README.md has the
+# figures. ZOO_ARGS shrinks it on a busy machine, e.g.
 # make zoo ZOO_ARGS="--pairs 1024 --batch-size 128 --graf-pairs 2000".
 ZOO_SHARDS ?= shards-zoo
 ZOO_ARGS ?= --pairs 98304 --batch-size 128 --eval-pairs 20000
