@@ -12,10 +12,10 @@ Each run trains on ``--pairs`` pairs (``train.batch_size`` from the model file, 
 every run, with the lr scaled by the file's ``lr_reference_batch``; epochs x steps rounded to whole
 batches, the actual count printed). ``--parallel`` runs train side by side (default: one per CPU),
 each a process of its own joined to this script's Ray cluster, with one Ray worker holding
-CPUs / parallel CPUs, longest first: on 2 AVX2 cores two 1-thread HardNet runs made 97 + 98 pairs/s
-against 159 for one 2-thread run (benchmarks/README). ``--parallel 1`` trains one run at a time in
-this process, its worker holding every CPU. The models evaluated are the last epoch's checkpoints
-(no epoch picked by the eval split).
+CPUs / parallel CPUs, longest first: on 2 AVX2 cores two 1-thread HardNet runs made 203 pairs/s
+together against 152 for one 2-thread run (benchmarks/side_by_side.py). ``--parallel 1`` trains one
+run at a time in this process, its worker holding every CPU. The models evaluated are the last
+epoch's checkpoints (no epoch picked by the eval split).
 Graf pairs are built as ``patchflow evaluate --images data/oxford_graf`` builds them (seed 0); graf is
 only evaluated on, never searched on.
 
@@ -268,8 +268,6 @@ def main() -> None:
         return (fpr_at_95_recall(d, labels), *bootstrap_interval(d, labels, fpr_at_95_recall))
 
     sift = Row(SIFT_NAME, "sift", "-", 0, 0.0, sift_score(*synth), sift_score(*graf) if graf else None, {})
-    np.savez(workdir / "eval-pairs.npz", synth_pairs=synth[0], synth_labels=synth[1],  # for the --parallel runs
-             **({"graf_pairs": graf[0], "graf_labels": graf[1]} if graf else {}))
     # A Ray of its own, not whichever cluster another process on the machine recorded as current
     # (init_ray would join that one); workflow.train then finds it initialised.
     start_local_ray(os.cpu_count() or 1, log_to_driver=False)
@@ -286,6 +284,8 @@ def main() -> None:
     if parallel == 1:
         rows = [train_and_score(name, arch, args, workdir, over, synth, graf, cpus) for name, arch, over in runs]
     else:
+        np.savez(workdir / "eval-pairs.npz", synth_pairs=synth[0], synth_labels=synth[1],  # read by each run's process
+                 **({"graf_pairs": graf[0], "graf_labels": graf[1]} if graf else {}))
         rows = run_side_by_side(runs, args, workdir, parallel, max(1, cpus // parallel))
 
     print()
