@@ -154,9 +154,9 @@ def triplet_verdict(rows: list[Row]) -> list[str]:
     return lines
 
 
-# Training time relative to HardNet's at the same pairs (2 AVX2 cores, the zoo's train s and
-# benchmarks/full_window_conv.py): the longest runs start first, so the last to finish is a short one.
-RELATIVE_COST = {"hardnet8": 1.6, "matchnet": 0.6, "siamese": 0.25, "tfeat": 0.15}  # every other run: 1
+# Training time relative to HardNet's at the same pairs (the side-by-side zoo's train s on 2 AVX2 cores,
+# 2026-12-07): the longest runs start first, so the last to finish is a short one.
+RELATIVE_COST = {"hardnet8": 1.4, "matchnet": 0.7, "siamese": 0.2, "tfeat": 0.17}  # every other run: 1
 
 
 def row_from_json(path: Path) -> Row:
