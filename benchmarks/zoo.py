@@ -3,7 +3,10 @@
 ``configs/models/<arch>.yaml``) on the same synthetic shards with the same number of training pairs,
 then FPR95 with 95 % bootstrap intervals on the synthetic eval split and on Oxford graf, next to
 kornia's SIFT, in one table; plus HardNet with the MC-Loss diversity term on (``loss.mc_mu``) against
-the plain HardNet row, same budget and seed.
+the plain HardNet row, same budget and seed. Then a table of paired differences: every triplet-loss model
+against every pair model and every model against SIFT, each difference in FPR95 with its interval from
+bootstrap resamples that score both models on the same pairs (two models' own intervals overlap long
+after their difference on the same pairs is clear).
 
     patchflow shards synthetic --out shards-zoo --train-pairs 120000 --eval-pairs 20000
     .venv/bin/python benchmarks/zoo.py shards-zoo --pairs 98304 --batch-size 128 --eval-pairs 20000   # or: make zoo
@@ -97,15 +100,19 @@ def arch_config(arch: str, shards: str, workdir: Path, pairs: int, epochs: int, 
     return load_config(path, updates), steps * epochs * batch
 
 
-def train_and_score(name: str, arch: str, args, workdir: Path, overrides: dict, synth, graf, cpus: int, tag: str = "") -> Row:
+def train_and_score(name: str, arch: str, args, workdir: Path, overrides: dict, synth, graf, cpus: int, tag: str = ""
+                    ) -> tuple[Row, dict[str, np.ndarray]]:
+    """Train one run and score it; the row and the per-pair distances ({"synthetic": ..., "graf": ...})."""
     from pipeline.checkpoint import model_from_checkpoint
     from pipeline.evaluate import pair_distances
     from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
     from pipeline.objectives import loss_name
     from pipeline.workflow import train
 
-    def score(model, pairs, labels) -> tuple[float, float, float]:
-        d = pair_distances(model, pairs)
+    distances: dict[str, np.ndarray] = {}
+
+    def score(model, split, pairs, labels) -> tuple[float, float, float]:
+        d = distances[split] = pair_distances(model, pairs)
         return (fpr_at_95_recall(d, labels), *bootstrap_interval(d, labels, fpr_at_95_recall))
 
     cfg, pairs = arch_config(arch, args.shards, workdir, args.pairs, args.epochs,
@@ -116,11 +123,11 @@ def train_and_score(name: str, arch: str, args, workdir: Path, overrides: dict, 
     outcome = train(cfg)
     seconds = time.perf_counter() - t0
     model, _ = model_from_checkpoint(outcome.checkpoint_path)
-    row = Row(name, arch, loss_name(arch, cfg.loss), pairs, seconds, score(model, *synth),
-              score(model, *graf) if graf is not None else None, overrides)
+    row = Row(name, arch, loss_name(arch, cfg.loss), pairs, seconds, score(model, "synthetic", *synth),
+              score(model, "graf", *graf) if graf is not None else None, overrides)
     print(f"[zoo] {name}: {pairs} pairs in {seconds:.0f} s, synthetic {row.synthetic[0]:.4f} {row.synthetic[1:]}"
           + (f", graf {row.graf[0]:.4f} {row.graf[1:]}" if row.graf else ""), flush=True)
-    return row
+    return row, distances
 
 
 def table(rows: list[Row], sift: Row) -> str:
@@ -154,6 +161,27 @@ def triplet_verdict(rows: list[Row]) -> list[str]:
     return lines
 
 
+def paired_table(rows: list[Row], distances: list[dict], sift_distances: dict, labels: dict) -> str:
+    """Differences in FPR95 between two models on the same pairs, each with its paired bootstrap interval
+    (``pipeline.metrics.paired_bootstrap_difference``): every triplet model against every pair model, and
+    every model against SIFT, on each split. "a better" when the whole interval is below 0."""
+    from pipeline.metrics import fpr_at_95_recall, paired_bootstrap_difference
+    from pipeline.protocols.common import SIFT_NAME, text_table
+
+    plain = [(r, d) for r, d in zip(rows, distances) if not r.overrides]
+    comparisons = [(t, p) for t in plain if t[0].arch in TRIPLET_ARCHS for p in plain if p[0].arch in PAIR_ARCHS]
+    comparisons += [((r, d), (None, sift_distances)) for r, d in zip(rows, distances)]
+    out = [("a", "b", "split", "FPR95 a - b [95 %, paired]", "verdict")]
+    for (a, d_a), (b, d_b) in comparisons:
+        for split in labels:
+            if split not in d_a or split not in d_b:
+                continue
+            diff, low, high = paired_bootstrap_difference(d_a[split], d_b[split], labels[split], fpr_at_95_recall)
+            verdict = "a better" if high < 0 else "b better" if low > 0 else "inside the interval"
+            out.append((a.name, b.name if b else SIFT_NAME, split, f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]", verdict))
+    return text_table(out)
+
+
 # Training time relative to HardNet's at the same pairs (the side-by-side zoo's train s on 2 AVX2 cores,
 # 2026-12-07): the longest runs start first, so the last to finish is a short one.
 RELATIVE_COST = {"hardnet8": 1.4, "matchnet": 0.7, "siamese": 0.2, "tfeat": 0.17}  # every other run: 1
@@ -164,9 +192,10 @@ def row_from_json(path: Path) -> Row:
     return Row(**{**d, "synthetic": tuple(d["synthetic"]), "graf": tuple(d["graf"]) if d["graf"] else None})
 
 
-def run_side_by_side(runs: list[tuple[str, str, dict]], args, workdir: Path, parallel: int, cpus: int) -> list[Row]:
+def run_side_by_side(runs: list[tuple[str, str, dict]], args, workdir: Path, parallel: int, cpus: int
+                     ) -> list[tuple[Row, dict[str, np.ndarray]]]:
     """Each run in a process of its own (this script with ``--child-run``) joined to this process's Ray
-    cluster, ``parallel`` at a time, longest first; the rows in the order of ``runs``."""
+    cluster, ``parallel`` at a time, longest first; (row, distances) in the order of ``runs``."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -177,7 +206,7 @@ def run_side_by_side(runs: list[tuple[str, str, dict]], args, workdir: Path, par
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     queue = sorted(range(len(runs)), key=lambda i: -RELATIVE_COST.get(runs[i][1], 1.0))
     running: dict[int, subprocess.Popen] = {}
-    rows: dict[int, Row] = {}
+    rows: dict[int, tuple[Row, dict[str, np.ndarray]]] = {}
     try:
         while queue or running:
             while queue and len(running) < parallel:
@@ -192,7 +221,8 @@ def run_side_by_side(runs: list[tuple[str, str, dict]], args, workdir: Path, par
                     del running[i]
                     if proc.returncode != 0:
                         raise SystemExit(f"[zoo] run {runs[i][0]!r} failed (exit code {proc.returncode}): its output is above")
-                    rows[i] = row_from_json(workdir / f"row-{i}.json")
+                    with np.load(workdir / f"distances-{i}.npz") as saved:
+                        rows[i] = row_from_json(workdir / f"row-{i}.json"), dict(saved)
     finally:  # a failed run or Ctrl-C: the others stop too
         for proc in running.values():
             proc.terminate()
@@ -263,11 +293,13 @@ def main() -> None:
     print(f"[zoo] {cpu_model()}, {os.cpu_count()} CPUs; {len(synth[1])} synthetic eval pairs from {args.shards}"
           + (f", {len(graf[1])} pairs from {args.images}" if graf else "") + f"; workdir {workdir}", flush=True)
 
-    def sift_score(pairs, labels):
-        d = pair_distances(SIFT(pairs.shape[-1]), pairs)
+    sift_distances: dict[str, np.ndarray] = {}
+
+    def sift_score(split, pairs, labels):
+        d = sift_distances[split] = pair_distances(SIFT(pairs.shape[-1]), pairs)
         return (fpr_at_95_recall(d, labels), *bootstrap_interval(d, labels, fpr_at_95_recall))
 
-    sift = Row(SIFT_NAME, "sift", "-", 0, 0.0, sift_score(*synth), sift_score(*graf) if graf else None, {})
+    sift = Row(SIFT_NAME, "sift", "-", 0, 0.0, sift_score("synthetic", *synth), sift_score("graf", *graf) if graf else None, {})
     # A Ray of its own, not whichever cluster another process on the machine recorded as current
     # (init_ray would join that one); workflow.train then finds it initialised.
     start_local_ray(os.cpu_count() or 1, log_to_driver=False)
@@ -282,17 +314,21 @@ def main() -> None:
     parallel = max(1, min(args.parallel or cpus, len(runs)))
     print(f"[zoo] {len(runs)} runs, {parallel} side by side with {max(1, cpus // parallel)} CPU(s) each", flush=True)
     if parallel == 1:
-        rows = [train_and_score(name, arch, args, workdir, over, synth, graf, cpus) for name, arch, over in runs]
+        scored = [train_and_score(name, arch, args, workdir, over, synth, graf, cpus) for name, arch, over in runs]
     else:
         np.savez(workdir / "eval-pairs.npz", synth_pairs=synth[0], synth_labels=synth[1],  # read by each run's process
                  **({"graf_pairs": graf[0], "graf_labels": graf[1]} if graf else {}))
-        rows = run_side_by_side(runs, args, workdir, parallel, max(1, cpus // parallel))
+        scored = run_side_by_side(runs, args, workdir, parallel, max(1, cpus // parallel))
+    rows = [row for row, _ in scored]
 
     print()
     print(table(rows, sift))
     if not args.grid:
         for line in triplet_verdict(rows):
             print(line)
+        print("\nPaired differences (both models scored on each bootstrap resample of the same pairs):")
+        print(paired_table(rows, [d for _, d in scored], sift_distances,
+                           {"synthetic": synth[1], **({"graf": graf[1]} if graf else {})}))
     else:
         best = min(rows, key=lambda r: r.synthetic[0])
         print(f"best on the synthetic eval split: {best.name} ({best.synthetic[0]:.4f})")
@@ -313,8 +349,9 @@ def child_run(args) -> None:
     data = np.load(workdir / "eval-pairs.npz")
     synth = (data["synth_pairs"], data["synth_labels"])
     graf = (data["graf_pairs"], data["graf_labels"]) if "graf_pairs" in data else None
-    row = train_and_score(name, arch, args, workdir, overrides, synth, graf, args.child_cpus, args.child_tag)
-    (workdir / f"row{args.child_tag}.json").write_text(json.dumps(asdict(row)))
+    row, distances = train_and_score(name, arch, args, workdir, overrides, synth, graf, args.child_cpus, args.child_tag)
+    np.savez(workdir / f"distances{args.child_tag}.npz", **distances)
+    (workdir / f"row{args.child_tag}.json").write_text(json.dumps(asdict(row)))  # last: the parent reads both on exit
 
 
 if __name__ == "__main__":

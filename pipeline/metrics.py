@@ -52,6 +52,25 @@ def bootstrap_interval(distances: np.ndarray, labels: np.ndarray, metric, n: int
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+def paired_bootstrap_difference(distances_a: np.ndarray, distances_b: np.ndarray, labels: np.ndarray, metric,
+                                n: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """``metric(a) - metric(b)`` for two models scored on the same pairs, with its 95 % percentile bootstrap
+    interval, both models scored on each resample of the pairs (the test of "a beats b on these pairs").
+
+    Two marginal intervals (``bootstrap_interval`` per model) overlap long after such a difference is
+    clear: most of their width is which hard and easy pairs were drawn, and both models share that draw."""
+    if len(distances_a) != len(labels) or len(distances_b) != len(labels):
+        raise ValueError(f"distances {len(distances_a)} and {len(distances_b)} and labels {len(labels)} differ in length")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(labels), len(labels))
+        if 0 < labels[idx].sum() < len(idx):
+            values.append(metric(distances_a[idx], labels[idx]) - metric(distances_b[idx], labels[idx]))
+    point = metric(distances_a, labels) - metric(distances_b, labels)
+    return float(point), float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
 def _pairs(distances: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = np.asarray(distances, dtype=np.float64).ravel()
     y = np.asarray(labels).ravel().astype(bool)

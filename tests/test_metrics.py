@@ -239,3 +239,32 @@ def test_hpatches_retrieval_perfect():
     pool = np.concatenate([np.repeat(queries, 2, axis=0), -np.eye(4) * 5])  # 2 exact positives each, far distractors
     positives = np.arange(8).reshape(4, 2)
     assert hpatches_retrieval_map(queries, pool, positives) == pytest.approx(1.0)
+
+
+def shared_difficulty_pairs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two models' distances on the same pairs: most of each distance is the pair's own difficulty, which
+    both models see; model a separates the classes by 3.4, model b by 3.28 (FPR95 about 0.04 and 0.05)."""
+    labels = rng.random(n) < 0.5
+    difficulty = rng.normal(0, 1, n)
+    d_a = difficulty + 0.25 * rng.normal(0, 1, n) - 3.4 * labels
+    d_b = difficulty + 0.25 * rng.normal(0, 1, n) - 3.28 * labels
+    return d_a, d_b, labels
+
+
+def test_paired_difference_tells_models_apart_where_two_intervals_overlap_and_covers_the_population_difference():
+    from pipeline.metrics import bootstrap_interval, paired_bootstrap_difference
+
+    d_a, d_b, labels = shared_difficulty_pairs(4000, np.random.default_rng(0))
+    point, low, high = paired_bootstrap_difference(d_a, d_b, labels, fpr_at_95_recall)
+    assert point == pytest.approx(fpr_at_95_recall(d_a, labels) - fpr_at_95_recall(d_b, labels), abs=1e-15)
+    # a's own interval reaches past b's point estimate; the paired interval says a is better.
+    assert bootstrap_interval(d_a, labels, fpr_at_95_recall)[1] > fpr_at_95_recall(d_b, labels)
+    assert low < point < high < 0
+    # The difference over two million fresh pairs of the same kind lies inside the interval.
+    big_a, big_b, big_labels = shared_difficulty_pairs(2_000_000, np.random.default_rng(1))
+    assert low < fpr_at_95_recall(big_a, big_labels) - fpr_at_95_recall(big_b, big_labels) < high
+    # Antisymmetric; a model against itself differs by nothing.
+    assert paired_bootstrap_difference(d_b, d_a, labels, fpr_at_95_recall) == pytest.approx((-point, -high, -low))
+    assert paired_bootstrap_difference(d_a, d_a, labels, fpr_at_95_recall) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_bootstrap_difference(d_a, d_b[:-1], labels, fpr_at_95_recall)
