@@ -18,8 +18,8 @@ class FullWindowConv(nn.Conv2d):
     """The towers' last layer: a convolution whose kernel covers its whole input (8x8 over 8x8 maps),
     so one output per patch. An ``nn.Conv2d`` in parameters, state-dict keys and results, computed as
     the matrix product it is: oneDNN's convolution kernels handle this shape poorly on CPU, where
-    HardNet8's 256 -> 512 layer took 1354 ms forward + backward at batch 256 against 159 ms as a GEMM
-    (2 AVX2 threads; ``benchmarks/full_window_conv.py``). Any other input size goes to the convolution.
+    HardNet8's 256 -> 512 layer took 1399 ms forward + backward at batch 256 against 155 ms as a GEMM
+    (2 AVX2 threads, medians of 3 rounds; ``benchmarks/full_window_conv.py``, benchmarks/README). Any other input size goes to the convolution.
 
     Shape: ``(B, C_in, k, k) -> (B, C_out, 1, 1)``.
     """
