@@ -19,7 +19,8 @@ class FullWindowConv(nn.Conv2d):
     so one output per patch. An ``nn.Conv2d`` in parameters, state-dict keys and results, computed as
     the matrix product it is: oneDNN's convolution kernels handle this shape poorly on CPU, where
     HardNet8's 256 -> 512 layer took 1399 ms forward + backward at batch 256 against 155 ms as a GEMM
-    (2 AVX2 threads, medians of 3 rounds; ``benchmarks/full_window_conv.py``, benchmarks/README). Any other input size goes to the convolution.
+    (2 AVX2 threads, medians of 3 rounds; ``benchmarks/full_window_conv.py``, benchmarks/README).
+    Any other input size goes to the convolution.
 
     Shape: ``(B, C_in, k, k) -> (B, C_out, 1, 1)``.
     """
