@@ -25,7 +25,8 @@ only evaluated on, never searched on.
 ``--grid KEY=V1,V2,...`` (repeatable) instead trains one architecture (``--archs``) once per point of
 the grid and prints the synthetic eval FPR95 of each: the search behind the model files' defaults
 (graf is not computed in that mode). Every run's config, metrics and checkpoint stay in ``--workdir``
-(MLflow store ``mlflow.db``, Ray runs ``runs/``).
+(MLflow store ``mlflow.db``, Ray runs ``runs/``), and every model's per-pair distances in its
+``distances.npz``.
 """
 
 from __future__ import annotations
@@ -320,6 +321,10 @@ def main() -> None:
                  **({"graf_pairs": graf[0], "graf_labels": graf[1]} if graf else {}))
         scored = run_side_by_side(runs, args, workdir, parallel, max(1, cpus // parallel))
     rows = [row for row, _ in scored]
+    # Every run's per-pair distances, for comparisons made afterwards: keys "sift:<split>" and "<i>:<split>",
+    # i the row's index in --json's rows.
+    np.savez(workdir / "distances.npz", **{f"sift:{k}": d for k, d in sift_distances.items()},
+             **{f"{i}:{k}": d for i, (_, dists) in enumerate(scored) for k, d in dists.items()})
 
     print()
     print(table(rows, sift))
