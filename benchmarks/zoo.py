@@ -271,7 +271,7 @@ def main() -> None:
     from pipeline.cluster import start_local_ray
     from pipeline.data.stream import load_eval_pairs
     from pipeline.evaluate import pair_distances
-    from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
+    from pipeline.metrics import BOOTSTRAP_RESAMPLES, bootstrap_interval, fpr_at_95_recall
     from pipeline.models import list_models, model_info
     from pipeline.models.sift import SIFT
     from pipeline.protocols.common import SIFT_NAME
@@ -337,8 +337,8 @@ def main() -> None:
     else:
         best = min(rows, key=lambda r: r.synthetic[0])
         print(f"best on the synthetic eval split: {best.name} ({best.synthetic[0]:.4f})")
-    print(f"\n({args.pairs} pairs asked per run, seed {args.seed}, {args.epochs} epochs; 95 % bootstrap intervals over pairs; "
-          f"{time.perf_counter() - t0:.0f} s in all)")
+    print(f"\n({args.pairs} pairs asked per run, seed {args.seed}, {args.epochs} epochs; 95 % bootstrap intervals over pairs, "
+          f"{BOOTSTRAP_RESAMPLES} resamples; {time.perf_counter() - t0:.0f} s in all)")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "sift": asdict(sift), "rows": [asdict(r) for r in rows]}, indent=1))
 

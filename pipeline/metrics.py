@@ -39,21 +39,56 @@ def fpr_at_95_recall(distances: np.ndarray, labels: np.ndarray, recall: float = 
     return false_positives / n_neg
 
 
-def bootstrap_interval(distances: np.ndarray, labels: np.ndarray, metric, n: int = 200, seed: int = 0
-                       ) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of ``metric(distances, labels)`` over the pairs
-    (resampled with replacement; resamples holding one class only are skipped)."""
+# Resamples per bootstrap interval. At 200 the 97.5 % end itself moved by ~0.0015 FPR95 between bootstrap
+# seeds on 20,000 pairs (0.004-0.008 on graf's 8514), the size of the differences the zoo rules on; at 2000
+# that Monte Carlo error is ~3x smaller, and FPR95's resamples cost ~0.5 ms each on 20,000 pairs.
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _resampled(labels: np.ndarray, statistic, n: int, seed: int) -> list[float]:
+    """``statistic(idx)`` over ``n`` resamples ``idx`` of the pairs, drawn with replacement; resamples
+    holding one class only are skipped (no metric here is defined on them)."""
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n):
         idx = rng.integers(0, len(labels), len(labels))
         if 0 < labels[idx].sum() < len(idx):
-            values.append(metric(distances[idx], labels[idx]))
+            values.append(statistic(idx))
+    return values
+
+
+def _on_resample(metric, distances: np.ndarray, labels: np.ndarray):
+    """``idx -> metric(distances[idx], labels[idx])``. For FPR95 the pairs are sorted once and each resample
+    is counts per pair (the same value to the last bit, tested; ~5x faster than sorting every resample)."""
+    if metric is not fpr_at_95_recall:
+        return lambda idx: metric(distances[idx], labels[idx])
+    d, pos = _pairs(distances, labels)
+    order = np.argsort(d, kind="stable")
+    d, pos = d[order], pos[order]
+
+    def fpr95(idx: np.ndarray) -> float:
+        counts = np.bincount(idx, minlength=len(d))[order]
+        positive_counts = counts * pos
+        cum_pos = np.cumsum(positive_counts)
+        n_pos = int(cum_pos[-1])
+        # As fpr_at_95_recall: the first pair reaching 95 % of the positives (the cumulative count only
+        # rises at pairs drawn), then every pair tied with it.
+        first = int(np.argmax(cum_pos >= 0.95 * n_pos))
+        last = int(np.searchsorted(d, d[first], side="right"))
+        return int((counts[:last] - positive_counts[:last]).sum()) / (int(counts.sum()) - n_pos)
+
+    return fpr95
+
+
+def bootstrap_interval(distances: np.ndarray, labels: np.ndarray, metric, n: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+                       ) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of ``metric(distances, labels)`` over the pairs."""
+    values = _resampled(np.asarray(labels), _on_resample(metric, distances, labels), n, seed)
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
 def paired_bootstrap_difference(distances_a: np.ndarray, distances_b: np.ndarray, labels: np.ndarray, metric,
-                                n: int = 200, seed: int = 0) -> tuple[float, float, float]:
+                                n: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
     """``metric(a) - metric(b)`` for two models scored on the same pairs, with its 95 % percentile bootstrap
     interval, both models scored on each resample of the pairs (the test of "a beats b on these pairs").
 
@@ -61,12 +96,8 @@ def paired_bootstrap_difference(distances_a: np.ndarray, distances_b: np.ndarray
     clear: most of their width is which hard and easy pairs were drawn, and both models share that draw."""
     if len(distances_a) != len(labels) or len(distances_b) != len(labels):
         raise ValueError(f"distances {len(distances_a)} and {len(distances_b)} and labels {len(labels)} differ in length")
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        idx = rng.integers(0, len(labels), len(labels))
-        if 0 < labels[idx].sum() < len(idx):
-            values.append(metric(distances_a[idx], labels[idx]) - metric(distances_b[idx], labels[idx]))
+    on_a, on_b = _on_resample(metric, distances_a, labels), _on_resample(metric, distances_b, labels)
+    values = _resampled(np.asarray(labels), lambda idx: on_a(idx) - on_b(idx), n, seed)
     point = metric(distances_a, labels) - metric(distances_b, labels)
     return float(point), float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 

@@ -25,7 +25,7 @@ from pipeline.data.shards import SourceError
 from pipeline.data.stream import load_eval_pairs, load_eval_split
 from pipeline.evaluate import METRIC, describe, pair_distances, pca_dimension_curve, pca_fit_patches
 from pipeline.hooks import TrainHooks
-from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
+from pipeline.metrics import BOOTSTRAP_RESAMPLES, average_precision, bootstrap_interval, fpr_at_95_recall
 from pipeline.models import create_model, list_models, model_info
 from pipeline.models.sift import SIFT
 from pipeline.pca import attach_pca, pca_head_dim
@@ -435,7 +435,7 @@ class PairSetScores:
 
     columns: dict[str, tuple[int, int]]  # column -> (pairs, positives)
     scores: dict[str, dict[str, ModelScore]]  # row -> column -> score
-    bootstrap: int = 200
+    bootstrap: int = BOOTSTRAP_RESAMPLES
     title: str = "FPR95"
 
     def best(self, column: str) -> str:
@@ -475,7 +475,7 @@ class PairSetScores:
 
 
 def score_pair_sets(models: dict[str, torch.nn.Module], pair_sets: dict[str, tuple[np.ndarray, np.ndarray]],
-                    *, seed: int = 0, bootstrap: int = 200, title: str = "FPR95") -> PairSetScores:
+                    *, seed: int = 0, bootstrap: int = BOOTSTRAP_RESAMPLES, title: str = "FPR95") -> PairSetScores:
     """Every model on every set of labelled pairs (uint8 (N, 2, P, P), labels (N,)). A set's distinct
     patches are described once per model (a point's image-1 patch recurs in its positive and its
     negative pairs)."""

@@ -268,3 +268,27 @@ def test_paired_difference_tells_models_apart_where_two_intervals_overlap_and_co
     assert paired_bootstrap_difference(d_a, d_a, labels, fpr_at_95_recall) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="differ in length"):
         paired_bootstrap_difference(d_a, d_b[:-1], labels, fpr_at_95_recall)
+
+
+def test_bootstrap_fpr95_from_counts_over_one_sort_equals_rescoring_every_resample():
+    """The FPR95 fast path (pairs sorted once, each resample as counts per pair) against the plain
+    ``fpr_at_95_recall(distances[idx], labels[idx])`` on the same resamples, ties and unequal classes included."""
+    from pipeline.metrics import bootstrap_interval, paired_bootstrap_difference
+
+    def rescored(d, y):  # not the same function object: the generic path
+        return fpr_at_95_recall(d, y)
+
+    rng = np.random.default_rng(5)
+    labels = rng.random(3000) < 0.3
+    d_a = np.round(rng.normal(0, 1, 3000) - 1.5 * labels, 1)  # rounded: many ties at the threshold
+    d_b = np.round(rng.normal(0, 1, 3000) - 1.2 * labels, 1)
+    assert bootstrap_interval(d_a, labels, fpr_at_95_recall, n=300) == bootstrap_interval(d_a, labels, rescored, n=300)
+    assert (paired_bootstrap_difference(d_a, d_b, labels, fpr_at_95_recall, n=300)
+            == paired_bootstrap_difference(d_a, d_b, labels, rescored, n=300))
+    # The interval covers FPR95 over a million fresh pairs of the same kind.
+    big_labels = rng.random(1_000_000) < 0.3
+    big_a = np.round(rng.normal(0, 1, 1_000_000) - 1.5 * big_labels, 1)
+    low, high = bootstrap_interval(d_a, labels, fpr_at_95_recall)
+    assert low < fpr_at_95_recall(big_a, big_labels) < high
+    with pytest.raises(ValueError, match="differ in length"):
+        bootstrap_interval(d_a[:-1], labels, fpr_at_95_recall)

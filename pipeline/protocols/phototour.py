@@ -22,7 +22,7 @@ from pipeline.data.phototour import DEFAULT_MATCH_FILE, load_phototour
 from pipeline.data.shards import SourceError
 from pipeline.device import DevicePlan
 from pipeline.evaluate import describe
-from pipeline.metrics import bootstrap_interval, fpr_at_95_recall
+from pipeline.metrics import BOOTSTRAP_RESAMPLES, bootstrap_interval, fpr_at_95_recall
 from pipeline.protocols.common import metric_key, on_device, row_distances, text_table, with_sift
 
 _M50 = re.compile(r"^m50_.*\.txt$")
@@ -66,7 +66,7 @@ class PhotoTourResult:
     columns: list[PhotoTourColumn]
     fpr95: dict[str, list[float]] = field(default_factory=dict)  # model -> one figure per column
     intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    bootstrap: int = 200
+    bootstrap: int = BOOTSTRAP_RESAMPLES
 
     def mean(self, model: str) -> float:
         """The paper's "Mean" column: the plain mean over the test columns."""
@@ -117,7 +117,7 @@ def _as_splits(splits: Mapping[str, str | os.PathLike] | Sequence[str | os.PathL
 
 def evaluate_phototour(splits: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | str | os.PathLike,
                        models: Mapping[str, nn.Module] | None, *, sift: bool = True, patch_size: int = 32,
-                       match_files: Sequence[str] | None = None, bootstrap: int = 200, seed: int = 0,
+                       match_files: Sequence[str] | None = None, bootstrap: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                        plan: DevicePlan | None = None, progress: bool = False) -> PhotoTourResult:
     """FPR95 of every model (and kornia's SIFT first) on each scene's m50 pairs.
 
