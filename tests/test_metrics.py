@@ -271,12 +271,12 @@ def test_paired_difference_tells_models_apart_where_two_intervals_overlap_and_co
 
 
 def test_bootstrap_fpr95_from_counts_over_one_sort_equals_rescoring_every_resample():
-    """The FPR95 fast path (pairs sorted once, each resample as counts per pair) against the plain
-    ``fpr_at_95_recall(distances[idx], labels[idx])`` on the same resamples, ties and unequal classes included."""
+    """The FPR95 fast path (pairs sorted once, each resample as counts per pair) against brute force over
+    every threshold of each resample ``(distances[idx], labels[idx])``, ties and unequal classes included."""
     from pipeline.metrics import bootstrap_interval, paired_bootstrap_difference
 
-    def rescored(d, y):  # not the same function object: the generic path
-        return fpr_at_95_recall(d, y)
+    def rescored(d, y):  # not fpr_at_95_recall itself, so the generic path rescores every resample
+        return float(brute_force_fpr95(d, y.astype(int)))
 
     rng = np.random.default_rng(5)
     labels = rng.random(3000) < 0.3
