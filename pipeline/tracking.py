@@ -37,15 +37,20 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory
     (a database-backed store: the model registry needs one)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    # MLflow reads sqlite:///mlflow.db relative to each process's working directory, and Ray's workers
+    # run elsewhere: made absolute here, on the driver, it names one database everywhere.
+    db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    if db and db != ":memory:" and not Path(db).is_absolute():
+        return f"sqlite:///{Path(db).resolve()}"
+    return uri
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
     """Local stores get an absolute artifact folder beside the database; servers choose their own."""
     if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+        return (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     return None
 
 

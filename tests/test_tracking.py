@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from helpers import free_port, start_mlflow_server
 
-from pipeline.tracking import PENDING_PREFIX, RunLogger, finish_run, pending_files, sync_pending
+from pipeline.tracking import (PENDING_PREFIX, RunLogger, finish_run, get_or_create_experiment, pending_files,
+                               resolve_tracking_uri, sync_pending)
 
 
 def test_logging_survives_an_outage_and_catches_up(tmp_path, monkeypatch):
@@ -81,3 +82,19 @@ def test_what_an_outage_leaves_is_written_down_and_sent_once(tmp_path, monkeypat
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_relative_sqlite_uri_names_one_database_from_any_working_directory(tmp_path, monkeypatch):
+    # A config's `tracking_uri: sqlite:///mlflow.db` once failed before training ("relative path can't
+    # be expressed as a file URI"), and Ray's workers, in other working directories, would open other files.
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    uri = resolve_tracking_uri("sqlite:///runs/mlflow.db")
+    assert uri == f"sqlite:///{tmp_path / 'project' / 'runs' / 'mlflow.db'}"
+    (tmp_path / "project" / "runs").mkdir()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(get_or_create_experiment(client, "relative"))
+    assert experiment.artifact_location == (tmp_path / "project" / "runs" / "mlartifacts" / "relative").as_uri()
+    monkeypatch.chdir(tmp_path)  # elsewhere, the absolute URI still finds the same experiment
+    assert MlflowClient(uri).get_experiment_by_name("relative").experiment_id == experiment.experiment_id
+    assert resolve_tracking_uri(uri) == uri and resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
