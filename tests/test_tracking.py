@@ -1,4 +1,5 @@
-"""RunLogger against a real MLflow server process that goes away and comes back."""
+"""MLflow tracking: RunLogger against a real MLflow server process that goes away and comes back; where a
+relative SQLite tracking URI points."""
 
 from __future__ import annotations
 
