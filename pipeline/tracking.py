@@ -32,25 +32,28 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+SQLITE = "sqlite:///"  # a SQLite store's URI prefix; the path follows it
+
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory
     (a database-backed store: the model registry needs one)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        return f"{SQLITE}{Path.cwd().resolve() / 'mlflow.db'}"
     # MLflow reads sqlite:///mlflow.db relative to each process's working directory, and Ray's workers
     # run elsewhere: made absolute here, on the driver, it names one database everywhere.
-    db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    db = uri[len(SQLITE):] if uri.startswith(SQLITE) else None
     if db and db != ":memory:" and not Path(db).is_absolute():
-        return f"sqlite:///{Path(db).resolve()}"
+        return f"{SQLITE}{Path(db).resolve()}"
     return uri
 
 
 def default_artifact_root(tracking_uri: str) -> str | None:
-    """Local stores get an absolute artifact folder beside the database; servers choose their own."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
+    """Local stores get an absolute artifact folder beside the database (``tracking_uri`` as
+    ``resolve_tracking_uri`` gives it); servers choose their own."""
+    if tracking_uri.startswith(SQLITE):
+        return (Path(tracking_uri[len(SQLITE):]).parent / "mlartifacts").as_uri()
     return None
 
 

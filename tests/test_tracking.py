@@ -99,3 +99,4 @@ def test_a_relative_sqlite_uri_names_one_database_from_any_working_directory(tmp
     monkeypatch.chdir(tmp_path)  # elsewhere, the absolute URI still finds the same experiment
     assert MlflowClient(uri).get_experiment_by_name("relative").experiment_id == experiment.experiment_id
     assert resolve_tracking_uri(uri) == uri and resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///:memory:") == "sqlite:///:memory:"  # not a file
