@@ -45,6 +45,18 @@ def test_matches_the_covariance_eigenvectors(n, d, dim):
     torch.testing.assert_close(fit_pca(torch.from_numpy(x), dim)[0], components)  # tensor input too
 
 
+def test_a_full_dimension_head_only_centres():
+    """The demo's HardNet head (pca_dim = the descriptor's size): the distances it gives are those of the
+    descriptors centred on the fitted mean and re-normalised, computed in numpy, because the rotation is
+    orthonormal."""
+    x = _data(600, 16)
+    got = PCAProjection(*fit_pca(x, 16))(torch.from_numpy(x).float()).numpy()
+    centred = x - x.mean(axis=0)
+    centred /= np.linalg.norm(centred, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.linalg.norm(got[:300] - got[300:], axis=1),
+                               np.linalg.norm(centred[:300] - centred[300:], axis=1), atol=1e-4)
+
+
 def test_rejects_bad_dim():
     with pytest.raises(ValueError, match="PCA dim"):
         fit_pca(np.zeros((10, 4)), 5)
