@@ -49,6 +49,9 @@ class ModelConfig(_Strict):
     arch: str = "hardnet"
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     pca_dim: int | None = Field(None, ge=2, description="embedding models: PCA head fitted on training descriptors")
+    pca_fit: Literal["pca", "learned_whitening"] = Field(
+        "pca", description="how an attached pca_dim head is fitted: PCA, or learned whitening (whiten the matching "
+                           "pairs' differences, then PCA; pipeline.pca.fit_learned_whitening)")
     input_size: int | None = Field(None, ge=8)
     descriptor_dim: int | None = Field(None, ge=2)
     patch_size: int | None = Field(None, ge=8)
@@ -64,6 +67,9 @@ class ModelConfig(_Strict):
         info = model_info(self.arch)
         if self.pca_dim is not None and info.pca == "none":
             raise ValueError(f"pca_dim: {self.arch!r} is not a trainable embedding model; PCA does not apply")
+        if self.pca_fit != "pca" and self.attached_pca_dim is None:
+            raise ValueError(f"pca_fit: {self.pca_fit!r} fits the head the pipeline attaches, which needs model.pca_dim "
+                             f"and an architecture without its own PCA ({self.arch!r}'s: {info.pca})")
         if self.attached_pca_dim is not None:
             dim = self.descriptor_dim or info.descriptor_dim
             if self.pca_dim > dim:
@@ -75,7 +81,7 @@ class ModelConfig(_Strict):
         PCA head (HardNet8) — for the others the pipeline attaches one after training."""
         own_pca = model_info(self.arch).pca == "own"
         return {k: v for k, v in self.model_dump().items()
-                if k != "arch" and v is not None and (k != "pca_dim" or own_pca)}
+                if k not in ("arch", "pca_fit") and v is not None and (k != "pca_dim" or own_pca)}
 
     @property
     def attached_pca_dim(self) -> int | None:

@@ -13,7 +13,7 @@ from pipeline.device import DevicePlan, plan_for
 from pipeline.metrics import fpr_at_95_recall
 from pipeline.models import fit_input, info_of
 from pipeline.models.sift import SIFT as SiftBaseline  # noqa: F401  (the baseline's old import path)
-from pipeline.pca import attach_pca, fit_pca
+from pipeline.pca import attach_pca, fit_learned_whitening, fit_pca
 
 # The figure every stage ranks models by (lower is better): the key Ray reports, Tune and the
 # checkpoint config sort on, and MLflow metric names derive from.
@@ -72,11 +72,25 @@ def pca_fit_patches(train_urls: list[str]) -> np.ndarray:
 
 
 def fit_descriptor_pca(
-    model: nn.Module, train_urls: list[str], dim: int, plan: DevicePlan | None = None, method: str = "forward"
+    model: nn.Module, train_urls: list[str], dim: int, plan: DevicePlan | None = None, method: str = "forward",
+    fit: str = "pca",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(components, mean) of a PCA fitted on the model's descriptors of ``pca_fit_patches``
-    (``method="embed"``: HardNet8's own head, fitted before its projection)."""
-    return fit_pca(describe(model, pca_fit_patches(train_urls), plan, method=method), dim)
+    """(components, mean) of the head fitted on the model's descriptors of the first ``PCA_FIT_PAIRS``
+    training pairs: a PCA (``fit="pca"``; ``method="embed"``: HardNet8's own head, fitted before its
+    projection) or learned whitening (``fit="learned_whitening"``: the same descriptors, plus the
+    differences of the positive pairs among them)."""
+    if fit == "pca":
+        return fit_pca(describe(model, pca_fit_patches(train_urls), plan, method=method), dim)
+    if fit != "learned_whitening":
+        raise ValueError(f"fit: expected 'pca' or 'learned_whitening', got {fit!r}")
+    pairs, labels, _ = load_pairs(train_urls[:PCA_FIT_SHARDS], PCA_FIT_PAIRS)
+    n = len(pairs)
+    desc = describe(model, np.concatenate([pairs[:, 0], pairs[:, 1]]), plan, method=method)
+    positive = labels == 1
+    if positive.sum() < 2:
+        raise ValueError(f"learned whitening: the first {n} training pairs of {train_urls[:PCA_FIT_SHARDS]} hold "
+                         f"{int(positive.sum())} positive pairs; it needs matching pairs to fit on")
+    return fit_learned_whitening(desc, desc[:n][positive], desc[n:][positive], dim)
 
 
 def pca_dimension_curve(

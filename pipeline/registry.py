@@ -355,6 +355,7 @@ def register_checkpoint(
         "input_size": str(model.input_size),
         "descriptor_dim": str(model.descriptor_dim),
         "pca_dim": str(pca_head_dim(model) or trained_cfg.model.pca_dim),
+        "pca_fit": trained_cfg.model.pca_fit if isinstance(model, PCAAttached) else ("pca" if pca_head_dim(model) else "none"),
         "checkpoint": checkpoint_path,
         "data_shards": str(cfg.data.shards),
         "model_format": CARD_FORMAT,

@@ -298,7 +298,8 @@ class _Worker:
         if pca_head_dim(core) is not None:  # the model's own head (HardNet8)
             core.set_pca(*fit_descriptor_pca(core, self.train_urls, core.pca_dim, self.plan, method="embed"))
         elif self.cfg.model.attached_pca_dim:
-            pca = fit_descriptor_pca(core, self.train_urls, self.cfg.model.attached_pca_dim, self.plan)
+            pca = fit_descriptor_pca(core, self.train_urls, self.cfg.model.attached_pca_dim, self.plan,
+                                     fit=self.cfg.model.pca_fit)
             eval_model = attach_pca(core, *pca)
         return evaluate_pairs(eval_model, self.eval_pairs, self.eval_labels, self.plan)[METRIC], pca
 

@@ -93,7 +93,9 @@ def ddp_fit(ray_cluster, synthetic_shards, tmp_path_factory):
             tmp = tmp_path_factory.mktemp(f"ddp-{arch}")
             cfg = small_config(
                 synthetic_shards, tmp, DEAD_TRACKING_URI,
-                model={"arch": arch, **({"pca_dim": 32} if model_info(arch).pca != "none" else {})},
+                # the attached head by learned whitening (the demo's HardNet), the plain PCA fit by the sweep's curve
+                model={"arch": arch, **({"pca_dim": 32} if model_info(arch).pca != "none" else {}),
+                       **({"pca_fit": "learned_whitening"} if model_info(arch).pca == "attach" else {})},
                 loss={"mc_mu": 0.1 if arch == "hardnet" else 0.0, "mc_xi": 4},  # one run covers the MC-Loss term
                 data={"eval_pairs": 256},
                 # two epochs only where the fault-tolerance test needs them (a failure in the second)

@@ -22,7 +22,8 @@ import torch
 
 from helpers import checkpoint_fpr95
 from pipeline.checkpoint import model_from_checkpoint
-from pipeline.evaluate import METRIC
+from pipeline.data.shards import shard_paths
+from pipeline.evaluate import METRIC, fit_descriptor_pca
 from pipeline.models import create_model, list_models, model_info
 
 
@@ -52,3 +53,11 @@ def test_architecture_trains_with_two_ddp_workers(arch, ddp_fit):
     assert model.descriptor_dim == (cfg.model.pca_dim or create_model(arch).descriptor_dim)
     x = torch.rand(4, 1, model.input_size, model.input_size)
     assert model(x).shape == (4, model.descriptor_dim)
+    if cfg.model.attached_pca_dim:  # the head is the configured fit (learned whitening) of the trained tower, redone here
+        components, mean = fit_descriptor_pca(model.backbone, shard_paths(cfg.data.shards, "train"), cfg.model.pca_dim,
+                                              fit=cfg.model.pca_fit)
+        # compared as the metric P^T P the head's distances depend on: axes of nearly equal variance may turn
+        # within their plane between two fits whose descriptors differ in the last bits
+        gram = model.pca.components.t() @ model.pca.components
+        torch.testing.assert_close(gram, components.t() @ components, atol=1e-3 * gram.abs().max().item(), rtol=0)
+        torch.testing.assert_close(model.pca.mean, mean, atol=2e-5, rtol=1e-4)

@@ -177,6 +177,16 @@ def test_model_options_are_checked_against_the_factory(tmp_path):
         load_config(path, available_cpus=2, available_gpus=0)
     cfg = load_config(write(tmp_path, "data: {shards: s}\nmodel: {arch: hardnet, pca_dim: 64}\n"), available_cpus=2, available_gpus=0)
     assert cfg.model.attached_pca_dim == 64 and "pca_dim" not in cfg.model.factory_kwargs()
+    cfg = load_config(write(tmp_path, "data: {shards: s}\nmodel: {arch: hardnet, pca_dim: 64, pca_fit: learned_whitening}\n"),
+                      available_cpus=2, available_gpus=0)
+    assert cfg.model.pca_fit == "learned_whitening" and "pca_fit" not in cfg.model.factory_kwargs()
+    for text in ("{arch: hardnet, pca_fit: learned_whitening}", "{arch: hardnet8, pca_dim: 64, pca_fit: learned_whitening}"):
+        with pytest.raises(ConfigError, match="pca_fit: 'learned_whitening' fits the head the pipeline attaches, which needs "
+                                              "model.pca_dim"):
+            load_config(write(tmp_path, f"data: {{shards: s}}\nmodel: {text}\n"), available_cpus=2, available_gpus=0)
+    with pytest.raises(ConfigError, match="pca_fit"):
+        load_config(write(tmp_path, "data: {shards: s}\nmodel: {arch: hardnet, pca_dim: 64, pca_fit: zca}\n"),
+                    available_cpus=2, available_gpus=0)
     path = write(tmp_path, "data: {shards: s}\nmodel: {arch: resnet}\n")
     with pytest.raises(ConfigError, match="model: arch: expected one of hardnet, hardnet8"):
         load_config(path, available_cpus=2, available_gpus=0)

@@ -144,6 +144,7 @@ def test_registration_loads_back_and_reproduces_the_trained_module(sweep_run):
     assert version.tags["architecture"] == "hardnet" and version.tags["sweep_id"] == report.sweep_id
     assert version.tags["data_manifest_sha256"] == hashlib.sha256((Path(cfg.data.shards) / "manifest.json").read_bytes()).hexdigest()
     assert version.tags["checkpoint"] == best.checkpoint_path and version.tags["input_size"] == "32"
+    assert version.tags["pca_fit"] == "none"  # no head: the PCA curve's dims did not beat the 128-d tower (shape above)
 
 
 def test_sweep_returns_what_it_registered_and_logged(sweep_run, synthetic_shards, tmp_path):
