@@ -17,7 +17,8 @@ __all__ = ["PCAAttached", "PCAProjection", "attach_pca", "fit_learned_whitening"
 
 # Learned whitening's shrinkage: the eigenvalues of the matching-difference covariance get this times
 # their mean added before inversion (0 = exact whitening, noisy from ~1000 positives in 128 dimensions;
-# large = plain PCA). 0.5 was chosen on the synthetic splits (benchmarks/README.md, "Learned whitening").
+# large = plain PCA). 0.5 was chosen on synthetic data (benchmarks/README.md, "Learned whitening for the
+# demo's head").
 LW_SHRINKAGE = 0.5
 
 
@@ -74,8 +75,8 @@ def fit_learned_whitening(descriptors: np.ndarray, anchors: np.ndarray, positive
     evals, evecs = np.linalg.eigh(diff.T @ diff / len(diff))
     evals = np.maximum(evals, 0.0) + shrinkage * max(evals.mean(), 0.0)
     if evals.min() <= 0:
-        raise ValueError("learned whitening: the matching differences span fewer than D dimensions; "
-                         "use shrinkage > 0 or more pairs")
+        raise ValueError("learned whitening: the matching differences are all zero, or span fewer than D "
+                         "dimensions with shrinkage 0; use shrinkage > 0 or more pairs")
     whiten = (evecs / np.sqrt(evals)) @ evecs.T  # C^-1/2, symmetric
     white = (x - mean) @ whiten.T
     w_evals, w_evecs = np.linalg.eigh(white.T @ white / max(n - 1, 1))

@@ -114,8 +114,10 @@ def test_learned_whitening_rejects_bad_input():
         fit_learned_whitening(x, x[:1], x[:1], 4)
     with pytest.raises(ValueError, match=r"dim must be in \[1, min\(N, D\)\] = \[1, 4\], got 5"):
         fit_learned_whitening(x, x, x + 1, 5)
-    with pytest.raises(ValueError, match="fewer than D dimensions"):  # all differences equal: rank 1
+    with pytest.raises(ValueError, match="span fewer than D dimensions with shrinkage 0"):  # all differences equal: rank 1
         fit_learned_whitening(x, x, x + 1, 4, shrinkage=0.0)
+    with pytest.raises(ValueError, match="all zero"):  # views identical: nothing to whiten, whatever the ridge
+        fit_learned_whitening(x, x, x, 4)
 
 
 def test_rejects_bad_dim():
