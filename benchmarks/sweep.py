@@ -74,17 +74,17 @@ def main() -> None:
     print(f"{args.trials} trials, max {args.epochs} epochs of {args.steps} x 64 pairs, "
           f"reduction factor {args.reduction_factor}")
     for name, wall, result in (("ASHA", t_asha, asha), ("full", t_full, full)):
-        print(f"{name}: {wall:7.1f} s  best {result.best.params} FPR95 {result.best.best_fpr95:.4f}  "
+        print(f"{name}: {wall:7.1f} s  best {result.best.params} FPR95 {result.best.fpr95:.4f}  "
               f"epochs per trial: {epochs_run(result)}")
     print(f"ASHA / full wall time: {t_asha / t_full:.2f}x (target <= 0.5x); "
           f"same best config: {asha.best.params == full.best.params}; "
           f"same configs sampled: {configs(asha) == configs(full)}")
     # Training is seeded, so a config trains identically in both runs up to where ASHA stopped it:
     # where does ASHA's pick rank in the full run, and is its gap larger than the eval's own noise?
-    ranked = sorted(full.trials, key=lambda t: t.best_fpr95)
+    ranked = sorted(full.trials, key=lambda t: t.fpr95)
     rank = next(i for i, t in enumerate(ranked, 1) if t.params == asha.best.params)
-    p, negatives = full.best.best_fpr95, args.eval_pairs // 2
-    print(f"ASHA's pick is the full run's #{rank} of {len(ranked)}: FPR95 {ranked[rank - 1].best_fpr95:.4f} vs "
+    p, negatives = full.best.fpr95, args.eval_pairs // 2
+    print(f"ASHA's pick is the full run's #{rank} of {len(ranked)}: FPR95 {ranked[rank - 1].fpr95:.4f} vs "
           f"{p:.4f}; binomial standard error of one FPR95 on {negatives} negatives: {(p * (1 - p) / negatives) ** 0.5:.4f}")
 
 

@@ -345,6 +345,12 @@ class SweepConfig(_Strict):
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: int = Field(2, ge=2)
     pca_dims: list[int] = Field(default_factory=list, description="PCA output dims tried on each best embedding tower, no retraining")
+    scope: Literal["all", "last"] = Field(
+        "all",
+        description="which of a trial's epochs scores it, and whose checkpoint is registered (as Ray's "
+        "ResultGrid.get_best_result(scope=)): 'all' = its best epoch by eval FPR95; 'last' = its last epoch, where "
+        "its lr schedule ends, for eval splits too small to rank epochs closer than their noise",
+    )
 
     _known_keys = field_validator("search_space")(lambda space: _known_keys(space))
 

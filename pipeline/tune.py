@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class TrialOutcome:
     trial_id: str
     params: dict[str, Any]
-    best_fpr95: float
+    fpr95: float  # the trial's score: eval FPR95 of its best epoch, or its last (sweep.scope)
     epochs: int
     checkpoint_path: str | None
     mlflow_run_id: str | None
@@ -52,10 +52,10 @@ class SweepResult:
 
     @property
     def best(self) -> TrialOutcome:
-        done = [t for t in self.trials if t.checkpoint_path and not math.isnan(t.best_fpr95)]
+        done = [t for t in self.trials if t.checkpoint_path and not math.isnan(t.fpr95)]
         if not done:
             raise RuntimeError(f"sweep {self.sweep_id}: no trial produced a checkpoint; see the trial errors above")
-        return min(done, key=lambda t: t.best_fpr95)
+        return min(done, key=lambda t: t.fpr95)
 
 
 def effect_of(trials: list[TrialOutcome], key: str) -> list[tuple[Any, float, int]]:
@@ -63,8 +63,8 @@ def effect_of(trials: list[TrialOutcome], key: str) -> list[tuple[Any, float, in
     the with / without comparison for an auxiliary loss."""
     by_value: dict[Any, list[float]] = {}
     for t in trials:
-        if key in t.params and not math.isnan(t.best_fpr95):
-            by_value.setdefault(t.params[key], []).append(t.best_fpr95)
+        if key in t.params and not math.isnan(t.fpr95):
+            by_value.setdefault(t.params[key], []).append(t.fpr95)
     return [(value, min(fprs), len(fprs)) for value, fprs in sorted(by_value.items())]
 
 
@@ -149,20 +149,23 @@ def _trial(
     trainer.fit()
 
 
-def _outcome(result, mlflow_runs: dict[str, str]) -> TrialOutcome:
+def _outcome(result, mlflow_runs: dict[str, str], scope: str = "all") -> TrialOutcome:
+    """One trial's score and checkpoint from its Ray Tune result: the epoch with the lowest eval FPR95
+    (scope "all"), or its last epoch (scope "last"; every epoch's checkpoint is kept, so it exists)."""
     trial_id = result.path.rstrip("/").split("/")[-1]
     df = result.metrics_dataframe
     params = {k: v for k, v in (result.config or {}).items()}
-    if df is None or df.empty or METRIC not in df:
+    scored = df.dropna(subset=[METRIC]) if df is not None and METRIC in df else None
+    if scored is None or scored.empty:
         return TrialOutcome(trial_id, params, math.nan, 0, None, None, error=str(result.error) if result.error else "no metrics")
-    best = df.loc[df[METRIC].idxmin()]
+    epoch = scored.iloc[-1] if scope == "last" else scored.loc[scored[METRIC].idxmin()]
     trial_key = str(df["trial_id"].iloc[-1]) if "trial_id" in df else trial_id
     return TrialOutcome(
         trial_id=trial_key,
         params=params,
-        best_fpr95=float(best[METRIC]),
+        fpr95=float(epoch[METRIC]),
         epochs=int(df["epoch"].max()),
-        checkpoint_path=best.get("checkpoint_path"),
+        checkpoint_path=epoch.get("checkpoint_path"),
         mlflow_run_id=mlflow_runs.get(trial_key),
         error=str(result.error) if result.error else None,
     )
@@ -345,7 +348,7 @@ def run_sweep(
         max_results=1000,
     )
     mlflow_runs = {r.data.tags.get("patchflow.trial_id"): r.info.run_id for r in children}
-    trials = [_outcome(r, mlflow_runs) for r in grid]
+    trials = [_outcome(r, mlflow_runs, cfg.sweep.scope if cfg.sweep else "all") for r in grid]
     # Tune ends a trial's function when it stops it (ASHA, or max_t reached), so the status the
     # trial could set itself is unreliable: set it from Tune's record of each trial.
     for t in trials:
@@ -359,13 +362,13 @@ def run_sweep(
             status = "KILLED"
             client.set_tag(t.mlflow_run_id, "patchflow.stopped_by", "asha")
         if t.checkpoint_path:
-            client.set_tag(t.mlflow_run_id, "patchflow.checkpoint", t.checkpoint_path)  # its best epoch's checkpoint
+            client.set_tag(t.mlflow_run_id, "patchflow.checkpoint", t.checkpoint_path)  # its scored epoch's (sweep.scope)
         client.set_terminated(t.mlflow_run_id, status)
     result = SweepResult(sweep_id, parent_id, trials)
-    ok = [t for t in trials if not math.isnan(t.best_fpr95)]
+    ok = [t for t in trials if not math.isnan(t.fpr95)]
     if ok:
         best = result.best
-        parent_log.metrics({f"{arch}/best_{METRIC}": best.best_fpr95, f"{arch}/trials_finished": len(ok)}, step=0)
+        parent_log.metrics({f"{arch}/best_{METRIC}": best.fpr95, f"{arch}/trials_finished": len(ok)}, step=0)
         parent_log.tags({f"patchflow.{arch}.best_trial": best.trial_id, f"patchflow.{arch}.best_run_id": best.mlflow_run_id or ""})
     client.log_dict(parent_id, {"trials": [t.__dict__ for t in trials]}, f"trials/{arch}.json")
     if owns_parent:

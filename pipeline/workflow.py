@@ -165,7 +165,7 @@ class ArchitectureReport:
     def row(self) -> tuple[str, ...]:
         """This architecture's leaderboard row."""
         if self.registration is None:
-            return (self.arch, self.best_params, f"{self.best.best_fpr95:.4f}", "-", self.best.mlflow_run_id or "", "-", "-")
+            return (self.arch, self.best_params, f"{self.best.fpr95:.4f}", "-", self.best.mlflow_run_id or "", "-", "-")
         reg, promo = self.registration, self.promotion
         alias = CHAMPION if promo.promoted else f"{CHALLENGER} ({CHAMPION}: v{promo.current_champion})"
         return (self.arch, self.best_params, f"{reg.fpr95:.4f}", f"{self.eval_ap:.4f}", reg.run_id,
@@ -220,12 +220,12 @@ def _with_best_pca(cfg: Config, best: TrialOutcome, train_urls: list[str], pairs
     for dim, fpr, _ in curve:
         guarded(f"logging {arch}/pca_fpr95", lambda: client.log_metric(parent_id, f"{arch}/pca_fpr95", fpr, step=dim))
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_figure(pca_curve([d for d, _, _ in curve], [f for _, f, _ in curve], best.best_fpr95), Path(tmp) / f"pca_{arch}.png")
+        path = save_figure(pca_curve([d for d, _, _ in curve], [f for _, f, _ in curve], best.fpr95), Path(tmp) / f"pca_{arch}.png")
         guarded(f"logging {path.name}", lambda: client.log_artifact(parent_id, str(path), "plots"))
     dim, fpr, (components, mean) = min(curve, key=lambda c: c[1])
     progress(f"[patchflow] {arch}: PCA curve " + ", ".join(f"{d}:{f:.4f}" for d, f, _ in curve)
-             + f" (no PCA: {best.best_fpr95:.4f})")
-    return (attach_pca(model, components, mean) if fpr < best.best_fpr95 else None), [(d, f) for d, f, _ in curve]
+             + f" (no PCA: {best.fpr95:.4f})")
+    return (attach_pca(model, components, mean) if fpr < best.fpr95 else None), [(d, f) for d, f, _ in curve]
 
 
 def _log_plots(client, run_id: str, distances: dict[str, np.ndarray], labels: np.ndarray) -> None:
@@ -289,7 +289,7 @@ def sweep(
         arch = cfg.model.arch
         report = ArchitectureReport(arch, result, result.best)
         progress(f"[patchflow] {arch}: best trial {report.best.trial_id} ({report.best_params}): "
-                 f"eval FPR95 {report.best.best_fpr95:.4f}")
+                 f"eval FPR95 {report.best.fpr95:.4f}")
         if "loss.mc_mu" in cfg.sweep.search_space:
             effect = [("MC-Loss mu", "best eval FPR95", "trials")]
             effect += [(f"{mu:g}" + (" (off)" if mu == 0 else ""), f"{fpr:.4f}", str(n)) for mu, fpr, n in effect_of(result.trials, "loss.mc_mu")]

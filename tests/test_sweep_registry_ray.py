@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import load_descriptor
-from pipeline.checkpoint import model_from_checkpoint
+from pipeline.checkpoint import load_state, model_from_checkpoint
 from pipeline.cli import main
 from pipeline.config import Config, load_sweep, parse_overrides
 from pipeline.data.shards import shard_paths
@@ -66,7 +66,8 @@ sweep:
   pca_dims: [16, 64]
   architectures:
     hardnet: {{search_space: {{loss.mc_mu: {{grid: [0.0, 0.1]}}, train.batch_size: {{choice: [16, 32]}}}}}}
-    tfeat: {{search_space: {{train.lr: {{loguniform: [0.001, 0.1]}}}}, overrides: {{sweep.search_alg: optuna}}}}
+    tfeat: {{search_space: {{train.lr: {{loguniform: [0.001, 0.1]}}}},
+            overrides: {{sweep.search_alg: optuna, sweep.scope: last}}}}
 """)
     # The two calls `patchflow sweep --config FILE` makes (pipeline.cli.cmd_sweep), not main() itself:
     # the CLI returns only an exit code and these tests need the SweepReport. What the CLI prints
@@ -107,14 +108,18 @@ def test_sweep_logs_a_parent_with_one_child_per_trial(sweep_run):
             assert child.data.params["sweep.search_alg"] == "optuna"  # the architecture's overrides
         history = client.get_metric_history(child.info.run_id, METRIC)
         assert [m.step for m in history] == list(range(1, len(history) + 1))
-        assert min(m.value for m in history) == pytest.approx(trial.best_fpr95)
+        # the score and checkpoint of the epoch sweep.scope names: hardnet's best ("all", the default), tfeat's last
+        values = [m.value for m in history]
+        scored_epoch = len(values) if arch == "tfeat" else 1 + int(np.argmin(values))
+        assert trial.fpr95 == pytest.approx(values[scored_epoch - 1])
+        assert load_state(trial.checkpoint_path)["metrics"][-1]["epoch"] == scored_epoch
         assert child.data.tags["patchflow.checkpoint"] == trial.checkpoint_path  # where the trial's model is
     for result in (hardnet, tfeat):
-        assert result.best.best_fpr95 == min(t.best_fpr95 for t in result.trials)
+        assert result.best.fpr95 == min(t.fpr95 for t in result.trials)
         assert Path(result.best.checkpoint_path).is_dir()
     effect = effect_of(hardnet.trials, "loss.mc_mu")  # the with / without MC-Loss table
     assert [(mu, n) for mu, _, n in effect] == [(0.0, 1), (0.1, 1)]
-    assert {fpr for _, fpr, _ in effect} == {t.best_fpr95 for t in hardnet.trials}
+    assert {fpr for _, fpr, _ in effect} == {t.fpr95 for t in hardnet.trials}
 
 
 def test_registration_loads_back_and_reproduces_the_trained_module(sweep_run):
@@ -211,3 +216,20 @@ def test_export_of_the_champion_to_onnx(sweep_run, tmp_path, monkeypatch):
     with torch.no_grad():
         expected = load_descriptor("models:/patchflow-hardnet@champion", tracking_uri=uri)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(load_exported(target)(x), expected, atol=1e-4)
+
+
+def test_scope_scores_a_trial_by_its_best_or_its_last_epoch():
+    """sweep.scope on a Tune result whose best epoch is not its last (the demo's case: epoch 1 best on a
+    small eval split by noise): "all" takes epoch 2's score and checkpoint, "last" epoch 3's."""
+    import pandas as pd
+    from ray.tune import Result
+
+    from pipeline.tune import _outcome
+
+    history = pd.DataFrame({"epoch": [1, 2, 3], METRIC: [0.20, 0.15, 0.16], "trial_id": ["t0"] * 3,
+                            "checkpoint_path": ["/runs/t0/checkpoint_1", "/runs/t0/checkpoint_2", "/runs/t0/checkpoint_3"]})
+    result = Result(metrics=history.iloc[-1].to_dict(), checkpoint=None, error=None, path="/runs/t0", metrics_dataframe=history)
+    best, last = (_outcome(result, {"t0": "run0"}, scope) for scope in ("all", "last"))
+    assert (best.fpr95, best.checkpoint_path) == (0.15, "/runs/t0/checkpoint_2")
+    assert (last.fpr95, last.checkpoint_path) == (0.16, "/runs/t0/checkpoint_3")
+    assert best.epochs == last.epochs == 3 and best.mlflow_run_id == last.mlflow_run_id == "run0"
