@@ -65,10 +65,11 @@ def evaluate_pairs(model: nn.Module, pairs: np.ndarray, labels: np.ndarray, plan
     return {METRIC: fpr_at_95_recall(pair_distances(model, pairs, plan), labels)}
 
 
-def pca_fit_patches(train_urls: list[str]) -> np.ndarray:
-    """uint8 patches (N, P, P) of the training pairs a PCA head is fitted on."""
-    pairs, _, _ = load_pairs(train_urls[:PCA_FIT_SHARDS], PCA_FIT_PAIRS)
-    return pairs.reshape(-1, *pairs.shape[2:])
+def pca_fit_pairs(train_urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The training pairs every head is fitted on: uint8 patches (2N, P, P), each pair's two views
+    in turn (a0, b0, a1, b1, ...), and the N pair labels (1 = the same point)."""
+    pairs, labels, _ = load_pairs(train_urls[:PCA_FIT_SHARDS], PCA_FIT_PAIRS)
+    return pairs.reshape(-1, *pairs.shape[2:]), labels
 
 
 def fit_descriptor_pca(
@@ -79,18 +80,17 @@ def fit_descriptor_pca(
     training pairs: a PCA (``fit="pca"``; ``method="embed"``: HardNet8's own head, fitted before its
     projection) or learned whitening (``fit="learned_whitening"``: the same descriptors, plus the
     differences of the positive pairs among them)."""
-    if fit == "pca":
-        return fit_pca(describe(model, pca_fit_patches(train_urls), plan, method=method), dim)
-    if fit != "learned_whitening":
+    if fit not in ("pca", "learned_whitening"):
         raise ValueError(f"fit: expected 'pca' or 'learned_whitening', got {fit!r}")
-    pairs, labels, _ = load_pairs(train_urls[:PCA_FIT_SHARDS], PCA_FIT_PAIRS)
-    n = len(pairs)
-    desc = describe(model, np.concatenate([pairs[:, 0], pairs[:, 1]]), plan, method=method)
+    patches, labels = pca_fit_pairs(train_urls)
     positive = labels == 1
-    if positive.sum() < 2:
-        raise ValueError(f"learned whitening: the first {n} training pairs of {train_urls[:PCA_FIT_SHARDS]} hold "
+    if fit == "learned_whitening" and positive.sum() < 2:
+        raise ValueError(f"learned whitening: the first {len(labels)} training pairs of {train_urls[:PCA_FIT_SHARDS]} hold "
                          f"{int(positive.sum())} positive pairs; it needs matching pairs to fit on")
-    return fit_learned_whitening(desc, desc[:n][positive], desc[n:][positive], dim)
+    desc = describe(model, patches, plan, method=method)
+    if fit == "pca":
+        return fit_pca(desc, dim)
+    return fit_learned_whitening(desc, desc[0::2][positive], desc[1::2][positive], dim)
 
 
 def pca_dimension_curve(

@@ -23,7 +23,7 @@ from pipeline.checkpoint import load_state, model_from_checkpoint
 from pipeline.config import Config, ConfigError, GateConfig, parse_gate
 from pipeline.data.shards import SourceError
 from pipeline.data.stream import load_eval_pairs, load_eval_split
-from pipeline.evaluate import METRIC, describe, pair_distances, pca_dimension_curve, pca_fit_patches
+from pipeline.evaluate import METRIC, describe, pair_distances, pca_dimension_curve, pca_fit_pairs
 from pipeline.hooks import TrainHooks
 from pipeline.metrics import BOOTSTRAP_RESAMPLES, average_precision, bootstrap_interval, fpr_at_95_recall
 from pipeline.models import create_model, list_models, model_info
@@ -215,7 +215,7 @@ def _with_best_pca(cfg: Config, best: TrialOutcome, train_urls: list[str], pairs
     model, _ = model_from_checkpoint(best.checkpoint_path)
     if not cfg.sweep.pca_dims or model.info.kind != "embedding" or pca_head_dim(model) is not None:
         return None, []  # a model with a PCA head already (its own, or fitted in training) keeps it
-    curve = pca_dimension_curve(model, pca_fit_patches(train_urls), pairs, labels, cfg.sweep.pca_dims)
+    curve = pca_dimension_curve(model, pca_fit_pairs(train_urls)[0], pairs, labels, cfg.sweep.pca_dims)
     arch = cfg.model.arch
     for dim, fpr, _ in curve:
         guarded(f"logging {arch}/pca_fpr95", lambda: client.log_metric(parent_id, f"{arch}/pca_fpr95", fpr, step=dim))

@@ -27,11 +27,12 @@ from pipeline.config import Config, ConfigError, GateConfig, load_config, parse_
 from pipeline.data.sequences import sequence_pairs
 from pipeline.data.shards import shard_paths
 from pipeline.data.stream import load_pairs
-from pipeline.evaluate import pair_distances
+from pipeline.evaluate import PCA_FIT_PAIRS, PCA_FIT_SHARDS, describe, fit_descriptor_pca, pair_distances
 from pipeline.metrics import average_precision, bootstrap_interval, fpr_at_95_recall
 from pipeline.models import create_model
 from pipeline.models.opencv import OPENCV_MODELS
 from pipeline.models.sift import SIFT
+from pipeline.pca import fit_learned_whitening, fit_pca
 from pipeline.protocols import SIFT_NAME, evaluate_image_matching
 from pipeline.registry import CHAMPION, load_descriptor, promote, register_checkpoint
 from pipeline.tracking import get_or_create_experiment
@@ -393,3 +394,24 @@ def test_gate_decides_on_the_named_benchmark(mlflow_server, synthetic_shards, se
 
     assert main(["promote", "--model", name, "--gate", f"images:{tmp_path / 'nowhere'}"]) == 2
     assert "nowhere not found (a metric goes last: images:DIR:METRIC)" in capsys.readouterr().err
+
+
+def test_the_head_is_fitted_on_the_training_pairs_as_loaded(synthetic_shards):
+    """fit_descriptor_pca against the fits run by hand on the same shards: the first PCA_FIT_PAIRS pairs
+    as load_pairs gives them, each view described, learned whitening on the positives' own two views
+    (a view paired with another pair's would whiten the wrong differences)."""
+    torch.manual_seed(0)
+    model = create_model("hardnet").eval()  # untrained: what is checked is which descriptors the fit sees
+    urls = shard_paths(synthetic_shards, "train")
+    pairs, labels, _ = load_pairs(urls[:PCA_FIT_SHARDS], PCA_FIT_PAIRS)
+    a, b = describe(model, pairs[:, 0]), describe(model, pairs[:, 1])
+    positive = labels == 1
+    assert positive.sum() > 32  # synthetic training shards hold matching pairs only (negatives come from the batch)
+    both = np.concatenate([a, b])
+    for fit, (ref_components, ref_mean) in (("pca", fit_pca(both, 32)),
+                                            ("learned_whitening", fit_learned_whitening(both, a[positive], b[positive], 32))):
+        components, mean = fit_descriptor_pca(model, urls, 32, fit=fit)
+        torch.testing.assert_close(mean, ref_mean, atol=1e-5, rtol=0)
+        # the metric P^T P: axes of near-equal variance may turn between fits whose inputs differ in the last bits
+        metric, ref_metric = components.T @ components, ref_components.T @ ref_components
+        torch.testing.assert_close(metric, ref_metric, atol=1e-4 * float(ref_metric.abs().max()), rtol=0)
