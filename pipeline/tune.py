@@ -42,6 +42,7 @@ class TrialOutcome:
     checkpoint_path: str | None
     mlflow_run_id: str | None
     error: str | None = None
+    scored_epoch: int = 0  # the epoch fpr95 and checkpoint_path are from (0: none)
 
 
 @dataclass
@@ -168,6 +169,7 @@ def _outcome(result, mlflow_runs: dict[str, str], scope: str = "all") -> TrialOu
         checkpoint_path=epoch.get("checkpoint_path"),
         mlflow_run_id=mlflow_runs.get(trial_key),
         error=str(result.error) if result.error else None,
+        scored_epoch=int(epoch["epoch"]),
     )
 
 

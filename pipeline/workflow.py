@@ -289,7 +289,8 @@ def sweep(
         arch = cfg.model.arch
         report = ArchitectureReport(arch, result, result.best)
         progress(f"[patchflow] {arch}: best trial {report.best.trial_id} ({report.best_params}): "
-                 f"eval FPR95 {report.best.fpr95:.4f}")
+                 f"eval FPR95 {report.best.fpr95:.4f} at epoch {report.best.scored_epoch}/{report.best.epochs} "
+                 f"(its {'last' if cfg.sweep.scope == 'last' else 'best'})")
         if "loss.mc_mu" in cfg.sweep.search_space:
             effect = [("MC-Loss mu", "best eval FPR95", "trials")]
             effect += [(f"{mu:g}" + (" (off)" if mu == 0 else ""), f"{fpr:.4f}", str(n)) for mu, fpr, n in effect_of(result.trials, "loss.mc_mu")]

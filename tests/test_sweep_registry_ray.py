@@ -112,7 +112,7 @@ def test_sweep_logs_a_parent_with_one_child_per_trial(sweep_run):
         values = [m.value for m in history]
         scored_epoch = len(values) if arch == "tfeat" else 1 + int(np.argmin(values))
         assert trial.fpr95 == pytest.approx(values[scored_epoch - 1])
-        assert load_state(trial.checkpoint_path)["metrics"][-1]["epoch"] == scored_epoch
+        assert load_state(trial.checkpoint_path)["metrics"][-1]["epoch"] == trial.scored_epoch == scored_epoch
         assert child.data.tags["patchflow.checkpoint"] == trial.checkpoint_path  # where the trial's model is
     for result in (hardnet, tfeat):
         assert result.best.fpr95 == min(t.fpr95 for t in result.trials)
@@ -166,7 +166,9 @@ def test_sweep_returns_what_it_registered_and_logged(sweep_run, synthetic_shards
 
     for arch, name in zip(report.architectures, ARCHS, strict=True):
         assert arch.arch == name and arch.best is arch.sweep.best and arch.best.checkpoint_path
-        assert any(line.startswith(f"[patchflow] {name}: best trial {arch.best.trial_id}") for line in lines)
+        said = f"{arch.best.fpr95:.4f} at epoch {arch.best.scored_epoch}/2 (its {'last' if name == 'tfeat' else 'best'})"
+        said_first = f"[patchflow] {name}: best trial {arch.best.trial_id}"
+        assert any(line.startswith(said_first) and line.endswith(said) for line in lines)
 
         # the PCA search: the curve it returns is the one on the parent run
         history = client.get_metric_history(report.parent_run_id, f"{name}/pca_fpr95")
@@ -230,6 +232,6 @@ def test_scope_scores_a_trial_by_its_best_or_its_last_epoch():
                             "checkpoint_path": ["/runs/t0/checkpoint_1", "/runs/t0/checkpoint_2", "/runs/t0/checkpoint_3"]})
     result = Result(metrics=history.iloc[-1].to_dict(), checkpoint=None, error=None, path="/runs/t0", metrics_dataframe=history)
     best, last = (_outcome(result, {"t0": "run0"}, scope) for scope in ("all", "last"))
-    assert (best.fpr95, best.checkpoint_path) == (0.15, "/runs/t0/checkpoint_2")
-    assert (last.fpr95, last.checkpoint_path) == (0.16, "/runs/t0/checkpoint_3")
+    assert (best.fpr95, best.checkpoint_path, best.scored_epoch) == (0.15, "/runs/t0/checkpoint_2", 2)
+    assert (last.fpr95, last.checkpoint_path, last.scored_epoch) == (0.16, "/runs/t0/checkpoint_3", 3)
     assert best.epochs == last.epochs == 3 and best.mlflow_run_id == last.mlflow_run_id == "run0"
