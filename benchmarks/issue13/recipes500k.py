@@ -22,8 +22,9 @@ def paired(name, pairs, labels, rng=np.random.default_rng(0)):
         diffs.append(fpr_at_95_recall(d[1][i], labels[i]) - fpr_at_95_recall(d[0][i], labels[i]))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     print(f"{name:16} {runs[0].split('/')[-1]} {f[0]:.4f}  {runs[1].split('/')[-1]} {f[1]:.4f}  diff {f[1]-f[0]:+.4f} [{lo:+.4f}, {hi:+.4f}]", flush=True)
-p, l, _ = load_pairs(shard_paths("shards-reference", "eval"))
+import os
+p, l, _ = load_pairs(shard_paths(os.environ.get("EVAL", "shards-reference"), "eval"))  # env EVAL: another split
 paired("synthetic varied", p, l)
-for c in CONSTRUCTIONS:
+for c in ([] if os.environ.get("GRAF") == "0" else CONSTRUCTIONS):  # env GRAF=0: synthetic only
     z = np.load(f"x/cache/graf-{c}.npz")
     paired(c, z["p"], z["l"])
