@@ -120,7 +120,8 @@ class CpuSetting:
 #   sosnet 270 / 404 / 760 / 912, tfeat 2206 / 2570 / 3334 / 4688, siamese 1594 / 1424 / 2320 / 2175,
 #   matchnet 126 / 217 / 266 / 443: bf16 + channels_last beats the avx512 choice (fp32 channels_last) by
 #   1.5-2.3x on every architecture, so these CPUs train in bf16 as AMX ones do (oneDNN's avx512_core_bf16
-#   kernels, not emulation). Zen 4 and Cooper Lake have the same instructions, not measured.
+#   kernels, not emulation). Zen 4 (family 25 model 17, 2026-12-07): hardnet 175 / 245 / 355 / 385, the other
+#   architectures 1.5-2.0x fp32 channels_last too. Cooper Lake has the same instructions, not measured.
 # baseline (no AVX2): not measured; the avx2 choice.
 CPU_SETTINGS: dict[CpuTier, CpuSetting] = {
     "amx": CpuSetting(torch.bfloat16, True),
